@@ -1085,6 +1085,21 @@ def test_an_older_index_holding_an_rgb_film_knows_its_grey_original_and_its_copi
     assert len(added["duplicates"]) == 2
 
 
+def test_a_new_index_is_read_without_the_hashes_older_indexes_took(model_dir, rgb_index):
+    """A build (a new index) records each image under its ``pixel_sha256`` only: its reads skip the other hashes an
+    older index may hold a grey film under (its RGB and RGBA copies, up to seven times the bytes to hash), which
+    ``index add`` still looks duplicates up by; the recorded hash is the same either way."""
+    from medvl.index.build import read_batch, read_new_batch
+
+    folder, _ = rgb_index
+    dataset, model = load_dataset(folder), load_model(model_dir)
+    records = list(dataset)[:4]  # the RGB film and three grey ones
+    digests, pixels, others = read_batch(model.preprocessor, records)
+    new_digests, new_pixels, new_others = read_new_batch(model.preprocessor, records)
+    assert new_digests == digests and np.array_equal(new_pixels, pixels)
+    assert new_others == [()] * 4 and all(len(hashes) >= 2 for hashes in others)
+
+
 def test_report_draft_command_prints_and_writes_json(phantom_dir, model_dir, train_index, tmp_path):
     image = load_dataset(phantom_dir).select("test")[0].image
     result, output = invoke("report", "draft", image, "--index", train_index, "--model", model_dir, "-k", 6,

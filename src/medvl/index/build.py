@@ -50,25 +50,34 @@ from .cases import (
     column_values,
     dataset_root,
     infer_columns,
+    pixel_sha256,
     pixel_sha256s,
 )
 
 log = logging.getLogger(__name__)
 
 
-def read_batch(preprocessor, records: Sequence[Record]) -> tuple[list[str], np.ndarray, list[tuple[str, ...]]]:
+def read_batch(preprocessor, records: Sequence[Record], *, older: bool = True
+               ) -> tuple[list[str], np.ndarray, list[tuple[str, ...]]]:
     """Each record's pixel hash, its image as the model's [0, 1] input, stacked (float32), and the other hashes
-    older indexes may hold the same picture under (``hashed_image``: ``index add`` looks duplicates up by them too);
-    run in a worker process by ``build_index`` (``medvl.data.loading.map_ahead``). A NIfTI volume is hashed
-    slab by slab from disk, then resized from its path (``medvl.models.volumes`` streams it again), so a
-    large CT is never held decoded whole; a DICOM series (``DicomVolume``) is decoded like a file."""
+    older indexes may hold the same picture under (``hashed_image``: ``index add`` looks duplicates up by them too;
+    ``older=False``: none, empty tuples); run in a worker process by ``build_index`` / ``add_records``
+    (``medvl.data.loading.map_ahead``). A NIfTI volume is hashed slab by slab from disk, then resized from its
+    path (``medvl.models.volumes`` streams it again), so a large CT is never held decoded whole; a DICOM series
+    (``DicomVolume``) is decoded like a file."""
     digests, pixels, others = [], [], []
     for record in records:
-        hashes, image = hashed_image(preprocessor, record.image)
+        hashes, image = hashed_image(preprocessor, record.image, older=older)
         digests.append(hashes[0])  # an error names the file, or the record of an array
         others.append(hashes[1:])
         pixels.append(preprocessor.load(image, source=_source(record)))
     return digests, torch.stack(pixels).numpy(), others
+
+
+def read_new_batch(preprocessor, records: Sequence[Record]) -> tuple[list[str], np.ndarray, list[tuple[str, ...]]]:
+    """``read_batch`` for a new index, which holds every image under its ``pixel_sha256`` only: the hashes older
+    indexes took (a grey image's RGB and RGBA copies, several times the bytes to hash) are not computed."""
+    return read_batch(preprocessor, records, older=False)
 
 
 def _source(record: Record) -> str | Path:
@@ -82,15 +91,16 @@ def read_digests(preprocessor, records: Sequence[Record]) -> list[tuple[str, ...
     return [hashed_image(preprocessor, record.image)[0] for record in records]
 
 
-def hashed_image(preprocessor, image: Any) -> tuple[tuple[str, ...], Any]:
+def hashed_image(preprocessor, image: Any, *, older: bool = True) -> tuple[tuple[str, ...], Any]:
     """The pixel hashes an index may hold ``image`` (a file, a DICOM series, an array) under, the one it records
-    first (``cases.pixel_sha256s``: of the image as the model reads its channels, then that of older indexes where
-    it differs), and what ``preprocessor.load`` is then given: the pixels read, or a NIfTI's path (hashed slab by
-    slab)."""
+    first (``cases.pixel_sha256s``: of the image as the model reads its channels, then, unless ``older`` is False,
+    those of older indexes where they differ), and what ``preprocessor.load`` is then given: the pixels read, or a
+    NIfTI's path (hashed slab by slab)."""
     if isinstance(image, str | Path) and image_suffix(image) in (".nii", ".nii.gz"):
         return (nifti_sha256(image),), image
     array = image if isinstance(image, np.ndarray) else preprocessor.read(image)
-    return pixel_sha256s(array, preprocessor.config.spatial_dims), array
+    spatial_dims = preprocessor.config.spatial_dims
+    return (pixel_sha256s(array, spatial_dims) if older else (pixel_sha256(array, spatial_dims),)), array
 
 
 def nifti_sha256(path) -> str:
@@ -276,18 +286,19 @@ def _embedded(model, dataset: Dataset, todo: Sequence[Record], batch_size: int, 
     images are read by ``workers`` processes ahead of the model (or ``embedder`` embeds them with the
     model ``fingerprint`` describes)."""
     if embedder is None:
-        for batch, read in _read_ahead(model, todo, batch_size, workers):
+        for batch, read in _read_ahead(model, todo, batch_size, workers, older=False):  # a new index
             yield batch, *embed_records(model, batch, read, known, allow_duplicates, root)
         return
     for batch, digests, vectors, text_vectors in embedder(dataset, todo, batch_size, fingerprint):
         yield batch, *keep_new(batch, digests, vectors, text_vectors, known, allow_duplicates, root)
 
 
-def _read_ahead(model, records: Sequence[Record], batch_size: int, workers: int
+def _read_ahead(model, records: Sequence[Record], batch_size: int, workers: int, *, older: bool = True
                 ) -> Iterator[tuple[Sequence[Record], tuple[list[str], np.ndarray, list[tuple[str, ...]]]]]:
-    """Each batch of ``records`` with its ``read_batch`` result, read by ``workers`` processes ahead."""
+    """Each batch of ``records`` with its ``read_batch`` result (``older``: with the hashes older indexes took),
+    read by ``workers`` processes ahead."""
     batches = list(batched(records, batch_size))
-    reads = map_ahead(read_batch, batches, workers, context=model.preprocessor)
+    reads = map_ahead(read_batch if older else read_new_batch, batches, workers, context=model.preprocessor)
     yield from zip(batches, reads, strict=True)
 
 

@@ -185,13 +185,13 @@ class _EmbedWorker:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import torch
 
-        from ..index.build import embed_batch, read_batch
+        from ..index.build import embed_batch, read_new_batch
 
         records = [pickle.loads(record) for record in batch["record"]]
         try:
             if self.failed is not None:
                 raise self.failed
-            digests, pixels, _ = read_batch(self.model.preprocessor, records)
+            digests, pixels, _ = read_new_batch(self.model.preprocessor, records)  # a new index
             images, texts = embed_batch(self.model, torch.from_numpy(pixels), [r.text for r in records])
         except (MedvlError, OSError) as error:
             # returned, not raised: Ray would wrap it in its task error (the whole traceback as the message,
