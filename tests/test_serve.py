@@ -1241,6 +1241,22 @@ def test_report_drafts_use_the_services_knowledge_base_as_the_cli_uses_its_own(c
     assert result.exit_code == 2 and "broken.md" in output, output  # refused before the service listens
 
 
+def test_a_knowledge_entry_longer_than_the_served_model_reads_fails_the_start_not_each_draft(model_dir, index_dir,
+                                                                                             tmp_path):
+    """A user's finding whose synonym the served model's text encoder cannot read whole was refused at every draft
+    asking for related entries (and the service reported healthy): it is refused when the service loads, naming the
+    file, entry and synonym, never the text."""
+    from medvl.errors import DataError
+
+    (tmp_path / "knowledge").mkdir()
+    (tmp_path / "knowledge" / "long_entry.md").write_text(
+        "---\nname: long_entry\nsynonyms: [heart, " + "effusion " * 120 + "]\n---\n")
+    with pytest.raises(DataError, match=r"long_entry\.md: entry 'long_entry': synonym 2 is \d+ tokens long") as caught:
+        create_app(model_dir, index=index_dir, settings=ServeSettings(knowledge=tmp_path / "knowledge"),
+                   token_digests=[], require_token=False)
+    assert "effusion" not in str(caught.value)
+
+
 @pytest.mark.pgvector
 @pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
 def test_a_pgvector_index_rebuilt_under_the_service_is_followed_or_refused(model_dir, phantom_dir, png, tmp_path):

@@ -157,12 +157,22 @@ class KnowledgeBase:
         findings = list(self.findings.values())
         return [(findings[i], float(scores[i])) for i in order]
 
+    def check_model(self, model) -> None:
+        """DataError when a title or synonym is longer than ``model``'s text encoder reads (``_check_read_whole``):
+        what the first retrieval by embedding would raise, found without embedding anything (``medvl serve`` asks
+        at start, so that a user's file is refused there, not at each draft)."""
+        self._check_read_whole(model, self._phrases())
+
+    def _phrases(self) -> list[list[str]]:
+        """Each entry's title and first 12 synonyms, as the prompts embed them."""
+        return [[" ".join(p.replace("...", " ").split()) for p in (f.title.lower(), *f.synonyms[:12])]
+                for f in self.findings.values()]
+
     def _embeddings(self, model) -> np.ndarray:
         cached = self._vectors.get(id(model))
         if cached is not None and cached[0] is model:
             return cached[1]
-        phrases = [[" ".join(p.replace("...", " ").split()) for p in (f.title.lower(), *f.synonyms[:12])]
-                   for f in self.findings.values()]
+        phrases = self._phrases()
         self._check_read_whole(model, phrases)
         prompts = [[t.format(p) for p in entry for t in PROMPT_TEMPLATES] for entry in phrases]
         vectors = class_embeddings(model, prompts).numpy() if prompts else np.empty((0, model.config.embed_dim))

@@ -131,6 +131,8 @@ class ModelService:
         self.index_health_seconds = INDEX_HEALTH_SECONDS
         self.index_health_wait = INDEX_HEALTH_WAIT_SECONDS
         self.labeller: ReportLabeller | None = None
+        if settings.knowledge is not None:  # a user's entry the model cannot read whole fails the start, not each draft
+            self._labeller().knowledge.check_model(self.net)
         self.workers = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="medvl-worker")
         self._class_sets: OrderedDict[tuple, tuple[str, torch.Tensor, list[str]]] = OrderedDict()
         self.vqa: VQAModel | VisionLanguageModel | None = _load_vqa(settings.vqa_model)
