@@ -549,6 +549,25 @@ def test_corruption_curves(random_model, phantom, monkeypatch):
             corruption_curves(random_model, subset, "sex", kinds=kinds, severities=severities)
 
 
+def test_corruption_severities_do_the_same_damage_at_every_native_size(random_model, phantom):
+    """Each film is corrupted at the model's input size: the same films at 4x their size (every pixel a 4x4
+    block, which the model's area resize averages back exactly) give the same curves. Corrupted at their native
+    size, per-pixel noise and JPEG blocks were averaged away by the resize: the large films looked robust."""
+    side = random_model.config.image.image_size
+    films = [r for r in phantom.records[:24] if read_for(random_model, r.image).shape[:2] == (side, side)]
+    small = phantom.subset([dataclasses.replace(r, images=[read_for(random_model, r.image)]) for r in films])
+    large = phantom.subset([dataclasses.replace(r, images=[np.kron(read_for(random_model, r.image),
+                                                                   np.ones((4, 4), np.uint8))]) for r in films])
+    assert len(small) >= 10 and large.records[0].image.shape == (4 * side, 4 * side)
+    assert np.array_equal(robustness.model_sized(random_model, large.records[0].image), small.records[0].image)
+    kinds, severities = ("noise", "jpeg", "blur"), (1, 5)
+    curves = [corruption_curves(random_model, data, "sex", kinds=kinds, severities=severities, show_progress=False)
+              for data in (small, large)]
+    assert curves[0]["clean"] == curves[1]["clean"]
+    assert curves[0]["curves"] == curves[1]["curves"]
+    assert curves[0]["curves"]["noise"][1] != curves[0]["curves"]["noise"][0]
+
+
 def test_in_memory_datasets_work_end_to_end(random_model):
     rng = np.random.default_rng(0)
     records = [Record(id=f"m{i}", images=[rng.integers(0, 255, (32, 32), dtype=np.uint8)],

@@ -2,8 +2,8 @@
 
 ``corrupt`` scales an image to [0, 1] (uint8 / 255; any other dtype by its own min-max), applies one
 corruption with MONAI transforms (Pillow for JPEG), clips to [0, 1] and maps back to the input's
-dtype and range. Severities 1-5 set one parameter per kind (ImageNet-C's scheme, with sizes relative
-to the image so a 64 px and a 2048 px image degrade alike):
+dtype and range. Severities 1-5 set one parameter per kind (ImageNet-C's scheme; blur's sigma relative to
+the image's shorter side):
 
 ===========  ==========================================  =====  =====  =====  =====  =====
 kind         parameter                                   1      2      3      4      5
@@ -20,6 +20,13 @@ crop         share of each side kept (centre), resized   0.95   0.9    0.85   0.
 Only ``noise`` and ``rotation`` draw random numbers, from ``seed``. An image with no intensity range
 (constant, not uint8) is returned unchanged. JPEG works on 8 bits: a 16-bit or float image also
 loses its fine intensity steps, which is part of that corruption.
+
+``corruption_curves`` corrupts each image in the model's input space: the file is first resized as the
+model's preprocessor resizes it (``model_sized``: area averaging to its input square, in the image's own
+dtype and intensities, before any intensity scaling), then corrupted, so a severity means the same damage
+at every native size. Corrupted at its native size, a 1024 px film's per-pixel noise and 8x8-block JPEG
+artefacts would be mostly averaged away by the model's resize (noise at severity 5 would reach a 64 px model
+weaker than severity 1 on a 64 px film). The clean figures are scored from the same resized images.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from ..data import captions_for
@@ -37,8 +45,9 @@ from ..data.captions import CaptionConfig
 from ..data.record import Dataset
 from ..embed import embed_images
 from ..errors import InputError
+from ..models.adapters import HFImagePreprocessor
 from ..models.dual import DualEncoder
-from ..models.preprocess import read_for
+from ..models.preprocess import ImagePreprocessor, read_for
 from ..progress import progress_bar
 from .zero_shot import zero_shot
 
@@ -95,6 +104,30 @@ def corrupt(image: np.ndarray, kind: str, severity: int, seed: int = 0) -> np.nd
     corrupted = _apply(kind, value, channels_first, seed)
     result = np.moveaxis(corrupted, 0, -1) if unit.ndim == 3 else corrupted[0]
     return _from_unit(np.clip(result, 0.0, 1.0), image.dtype, low, high)
+
+
+def model_sized(model: DualEncoder, image: Any) -> np.ndarray:
+    """``image`` (an array, else a file read as ``read_for`` reads it) at the size ``model`` takes, as its
+    preprocessor brings it there, with its own dtype and intensities (no intensity scaling, windows or colour
+    correction yet: ``model.preprocessor.load`` applies those, and leaves an image of its input size unresized).
+    A medvl preprocessor's area averaging (``ImagePreprocessor.resize``; integers rounded back to their dtype); a
+    transformers model's own processor, whose input is 8-bit RGB (``HFImagePreprocessor``); any other model: the
+    image as read."""
+    array = read_for(model, image)
+    preprocessor = getattr(model, "preprocessor", None)
+    if isinstance(preprocessor, HFImagePreprocessor):
+        pixels = preprocessor.load(array).permute(1, 2, 0).numpy()
+        return np.rint(pixels * 255.0).astype(np.uint8)
+    if not isinstance(preprocessor, ImagePreprocessor) or array.ndim not in (2, 3):
+        return array
+    channels_first = torch.from_numpy(np.ascontiguousarray(np.moveaxis(array, -1, 0) if array.ndim == 3
+                                                           else array[None]).astype(np.float32))
+    resized = preprocessor.resize(channels_first).numpy()
+    if np.issubdtype(array.dtype, np.integer):
+        limits = np.iinfo(array.dtype)
+        resized = np.clip(np.rint(resized), limits.min, limits.max)
+    result = np.moveaxis(resized, 0, -1) if array.ndim == 3 else resized[0]
+    return np.ascontiguousarray(result).astype(array.dtype)
 
 
 def _to_unit(image: np.ndarray) -> tuple[np.ndarray | None, float, float]:
@@ -171,7 +204,8 @@ def corruption_curves(model: DualEncoder, dataset: Dataset, label: str, kinds: S
                       classes: Sequence[str] | None = None, seed: int = 0, show_progress: bool = True) -> dict:
     """Zero-shot metrics of ``model`` on ``label`` on clean images and on each corruption and severity.
 
-    Each image is read once and corrupted in memory (record i with seed derived from (``seed``, i)).
+    Each image is read once, brought to the model's input size (``model_sized``) and corrupted there, in memory
+    (record i with seed derived from (``seed``, i)), so a severity does the same damage at every native size.
     ``captions`` default to ``captions_for(dataset, model=model)``. Returns ``label``, ``classes``,
     ``n``, ``clean`` (``auc``, ``balanced_accuracy``, ``accuracy``), ``parameters`` (kind ->
     ``{name, values}`` at the severities run), ``curves`` (kind -> a list of ``{severity, auc,
@@ -186,7 +220,8 @@ def corruption_curves(model: DualEncoder, dataset: Dataset, label: str, kinds: S
         raise InputError("corruption curves are defined for 2D images; this model takes 3D volumes")
     labelled = dataset.with_labels([label])
     captions = captions or captions_for(dataset, model=model)
-    images = [read_for(model, r.image) for r in labelled]  # as the model is fed them
+    # corrupted at the model's input size: at a film's native size, the resize would average noise and JPEG away
+    images = [model_sized(model, r.image) for r in labelled]
     seeds = [int(np.random.SeedSequence([seed, i]).generate_state(1)[0]) for i in range(len(images))]
 
     def score(arrays: list[np.ndarray], class_names: Sequence[str] | None) -> dict:
