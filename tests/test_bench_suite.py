@@ -1176,14 +1176,19 @@ def test_subgroups_report_each_metric_per_group_and_name_what_they_could_not_sco
         if row["split"] == "test":  # no scored age: half empty, half present but unreadable
             row["age"] = "67+" if test.index(row) % 2 else ""
         row["ward"] = "" if row["split"] == "test" else "W1"  # a column no scored record fills: failed mid-run
+    # desk: group P holds every abnormal film and 2 normal ones: scored, but rough (a class of 2 records)
+    normals = [row for row in test if row["no_finding"] == "1"]
+    for row in rows:
+        row["desk"] = "x" if row["split"] != "test" else ("P" if row not in normals[2:] else "Q")
     with (data / "manifest.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     normal = sum(row["no_finding"] == "1" for row in test)
     assert 0 < normal < 10 <= len(test) - normal  # what the site column is made of
+    assert 2 < normal < 10  # desk: group Q is too small
     spec = {"path": str(data), "split": "test", "train_split": "train", "label": "no_finding",
-            "subgroups": ["sex", "age", "site", "ward"]}
+            "subgroups": ["sex", "age", "site", "ward", "desk"]}
     suite = write_suite(tmp_path, data, datasets={"phantom": spec}, checks=["subgroups"],
                         tasks=[{"task": "linear-probe", "dataset": "phantom", "covariates": "none"}])
     result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
@@ -1203,8 +1208,20 @@ def test_subgroups_report_each_metric_per_group_and_name_what_they_could_not_sco
                                                 "read;")  # counted, never quoted
     assert skipped["subgroups: site"] == (f"1 value under 10 records not scored ({normal} records; values "
                                           "not shown); groups of one class (no AUC): A; no worst-group gap (it "
-                                          "needs two groups with an AUC)")
-    assert "subgroups: site: 1 value under 10" in (tmp_path / "out" / "report.html").read_text()
+                                          "needs two groups with an AUC and every class at 5 records or more)")
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert "subgroups: site: 1 value under 10" in report
+    # rough groups: kept with their rows marked, counted (never named) in the skipped list and the report, no gap
+    desk_rows = [row for row in results["rows"] if row["metric"].startswith("subgroup desk=")]
+    assert "subgroup desk=P: auc" in {row["metric"] for row in desk_rows}
+    assert all(row["rough"] is True and row["smallest_class"] == 2 for row in desk_rows)
+    assert all(row["rough"] is (row["smallest_class"] < 5) for row in results["rows"]
+               if row["metric"].startswith("subgroup ") and "smallest_class" in row)
+    assert cell["plots"]["subgroups"]["desk"]["groups"]["P"]["rough"] is True
+    rough = ("1 scored group with a class of fewer than 5 records: rough intervals (rows marked rough), left out "
+             "of the worst-group gap")
+    assert rough in skipped["subgroups: desk"] and "P" not in skipped["subgroups: desk"].replace(rough, "")
+    assert rough in report and ">rough</span>" in report
     assert skipped["subgroups: ward"] == f"none of the {len(test)} scored records has a value"
 
 

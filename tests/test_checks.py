@@ -328,6 +328,26 @@ def test_single_class_groups_have_no_auc_and_are_left_out_of_the_gap():
     assert column["worst_group"] is None and column["gap"] is None
 
 
+def test_a_group_with_a_class_of_few_records_is_kept_marked_rough_and_left_out_of_the_gap():
+    """A group of 12 records with one positive was scored as any other: its "95 %" AUC interval covers about 56 %
+    of the time, yet it could be the worst group of a gap whose interval excluded 0. It is kept, marked ``rough``,
+    and the worst and best groups are chosen among the others."""
+    from medvl.eval.subgroups import SMALL_CLASS
+
+    rng = np.random.default_rng(3)
+    y = np.array([1] + [0] * 11 + [0, 1] * 20 + [0, 1] * 20)
+    positive = 1 / (1 + np.exp(-(rng.normal(size=len(y)) + 1.5 * (2 * y - 1))))
+    positive[0] = 0.01  # the rough group's one positive scored lowest: its AUC is 0, the lowest of all
+    group = ["few"] * 12 + ["A"] * 40 + ["B"] * 40
+    column = subgroup_metrics(y, positive, {"site": group}, resamples=100)["columns"]["site"]
+    few = column["groups"]["few"]
+    assert few["smallest_class"] == 1 < SMALL_CLASS and few["rough"] is True and few["auc"]["value"] == 0.0
+    assert column["groups"]["A"]["rough"] is False and column["rough_groups"] == 1
+    assert {column["worst_group"], column["best_group"]} == {"A", "B"}  # not "few", though its AUC is lowest
+    only_rough = subgroup_metrics(y[:52], positive[:52], {"site": group[:52]}, resamples=50)["columns"]["site"]
+    assert only_rough["worst_group"] is None and only_rough["gap"] is None  # one group left: no gap
+
+
 def test_subgroup_balanced_accuracy_takes_the_headline_rows_plain_draws():
     """Subgroup balanced accuracy took class-stratified draws, hiding the class-mix variation, while bench run's
     headline row takes plain ones: one group holding every record got a narrower interval than the headline row
@@ -343,16 +363,20 @@ def test_subgroup_balanced_accuracy_takes_the_headline_rows_plain_draws():
     headline = bootstrap_ci(balanced_accuracy, y, p, resamples=300, seed=0, **DRAWS["balanced_accuracy"])
     assert whole["balanced_accuracy"] == headline and headline["resamples"] < 300  # draws lacking a class left out
     assert DRAWS["balanced_accuracy"]["stratified"] is False and DRAWS["auc"]["stratified"] is True
+    # the gap: B holds classes 0, 1 and 2, 5 records or more each (a rough group is left out of it); A class 0 only
+    y = np.array([0] * 30 + [1] * 5 + [2] * 5)
+    p = rng.dirichlet([1, 1, 1], 40)
+    p[np.arange(40), y] += 0.3 * rng.random(40)
     group = ["A"] * 20 + ["B"] * 20
-    column = subgroup_metrics(y, p, {"g": group}, resamples=100, seed=2, headline="balanced_accuracy")["columns"]["g"]
-    members = {"A": np.arange(20), "B": np.arange(20, 40)}  # B holds classes 0, 1 and 2; A class 0 only
+    column = subgroup_metrics(y, p, {"g": group}, resamples=1000, seed=2, headline="balanced_accuracy")["columns"]["g"]
+    members = {"A": np.arange(20), "B": np.arange(20, 40)}
     first, second = members[column["best_group"]], members[column["worst_group"]]
     draws, gaps = np.random.default_rng(2), []
-    for _ in range(100):
+    for _ in range(1000):
         draw_a, draw_b = first[draws.integers(0, 20, 20)], second[draws.integers(0, 20, 20)]
         if len(set(y[draw_a])) == len(set(y[first])) and len(set(y[draw_b])) == len(set(y[second])):
             gaps.append(balanced_accuracy(y[draw_a], p[draw_a]) - balanced_accuracy(y[draw_b], p[draw_b]))
-    assert column["gap"]["resamples"] == len(gaps) < 100
+    assert column["gap"]["resamples"] == len(gaps) < 1000
     assert [column["gap"]["low"], column["gap"]["high"]] == pytest.approx(np.percentile(gaps, [2.5, 97.5]))
 
 

@@ -113,6 +113,8 @@ def _value(row: dict[str, Any]) -> str:
         text += f" <span class='ci spread' title='{html.escape(row['interval_kind'])}'>{html.escape(interval)}</span>"
     elif interval:
         text += f" <span class='ci'>{html.escape(interval)}</span>"
+    if row.get("rough"):  # a subgroup with a class of too few records: its interval covers less than its level
+        text += " <span class='note' title='a class of this group has too few records'>rough</span>"
     return text
 
 
@@ -201,17 +203,21 @@ def _subgroups(drawn: list[tuple[str, Any]]) -> Figure | None:
         groups = list(dict.fromkeys(group for _, block in drawn for group in block.get(column, {}).get("groups", {})))
         for m, (model, block) in enumerate(drawn):
             scored = block.get(column, {}).get("groups", {})
-            values, lows, highs = [], [], []
+            values, lows, highs, rough = [], [], [], []
             for group in groups:
                 auc = scored.get(group, {}).get("auc")
+                rough.append(bool(scored.get(group, {}).get("rough")))
                 value = auc["value"] if isinstance(auc, dict) and auc.get("value") is not None else np.nan
                 values.append(value)
                 lows.append(value - auc["low"] if isinstance(auc, dict) and auc.get("low") is not None else 0)
                 highs.append(auc["high"] - value if isinstance(auc, dict) and auc.get("high") is not None else 0)
             positions = np.arange(len(groups)) + m * width
-            axis.bar(positions, values, width, yerr=[lows, highs], capsize=2, label=model)
+            bars = axis.bar(positions, values, width, yerr=[lows, highs], capsize=2, label=model)
+            for bar, is_rough in zip(bars, rough, strict=True):
+                if is_rough:  # its interval covers far less than 95 %; out of the worst-group gap
+                    bar.set_hatch("//")
         axis.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups, rotation=30, fontsize=8)
-        axis.set(title=column, ylabel="AUC (95% CI)", ylim=(0, 1.05))
+        axis.set(title=column, ylabel="AUC (95% CI; hatched: rough)", ylim=(0, 1.05))
         axis.legend(fontsize=7)
     figure.tight_layout()
     return figure

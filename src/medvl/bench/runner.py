@@ -1149,7 +1149,7 @@ def _check_subgroups(ctx: _Context, scored: _Scored) -> None:
                 interval = metrics.get(metric)
                 if isinstance(interval, dict):
                     ctx.row(f"subgroup {column}={group}: {metric}", interval["value"], interval, n=metrics["n"],
-                            smallest_class=metrics["smallest_class"], **_units(ctx, metrics))
+                            smallest_class=metrics["smallest_class"], rough=metrics["rough"], **_units(ctx, metrics))
         gap = block.get("gap")
         if isinstance(gap, dict) and gap.get("value") is not None:
             ctx.row(f"subgroup {column}: worst-group auc gap", gap["value"], gap, worst=block.get("worst_group"))
@@ -1171,7 +1171,9 @@ def _unscored_groups(block: dict[str, Any], n: int, min_size: int, unreadable: l
     """What of a subgroup column was not scored, in words (None when every record's group was): records
     without a value, records whose age cannot be read (``unreadable``: their values, counted; among the block's
     ``missing``), groups under ``min_size`` records (distinct ``unit`` values, a case column, when given),
-    single-class groups (no AUC), and no gap."""
+    single-class groups (no AUC), rough groups (a class under ``SMALL_CLASS`` records; out of the gap), and no gap."""
+    from ..eval.subgroups import SMALL_CLASS
+
     size = "records" if unit is None else f"distinct {unit} values"
     parts = []
     empty = block["missing"] - len(unreadable)
@@ -1191,8 +1193,13 @@ def _unscored_groups(block: dict[str, Any], n: int, min_size: int, unreadable: l
     single = [name for name, metrics in block["groups"].items() if metrics.get("auc") is None]
     if single:
         parts.append(f"groups of one class (no AUC): {', '.join(single)}")
+    rough = block.get("rough_groups", 0)
+    if rough:  # counted, never named or quoted: their rows carry rough: true
+        parts.append(f"{rough} scored group{'s' * (rough != 1)} with a class of fewer than {SMALL_CLASS} records: "
+                     "rough intervals (rows marked rough), left out of the worst-group gap")
     if block.get("gap") is None:
-        parts.append("no worst-group gap (it needs two groups with an AUC)")
+        parts.append(f"no worst-group gap (it needs two groups with an AUC and every class at {SMALL_CLASS} records "
+                     "or more)")
     return "; ".join(parts) or None
 
 

@@ -214,17 +214,21 @@ def subgroup_metrics(y_true: np.ndarray | Sequence[int], probabilities: np.ndarr
     scored (counted, see below).
     Per column, the scored group with the lowest ``headline`` metric is ``worst_group``, the highest
     ``best_group``, and ``gap`` (best minus worst) has an interval from resampling within each of the
-    two groups. The two are chosen on all records, so the gap interval does not cover that choice.
+    two groups. The two are chosen on all records, so the gap interval does not cover that choice. A ``rough``
+    group (a class of fewer than ``SMALL_CLASS`` records) is scored and kept, but is neither: its "95 %" interval
+    covers the true value far less often (about 56 % with one record of a class, 74 % with two), and a gap drawn
+    from it would look significant when it is not.
 
     Returns ``n``, ``units`` (distinct units of all records; ``n`` without ``units``), ``headline``, ``min_size``,
     ``level`` and ``columns``: per column ``groups`` (per value: ``n``, ``units`` (its distinct units),
-    ``smallest_class`` (the fewest records of a class present; under ``SMALL_CLASS`` the
-    intervals are rough) and each metric as ``{value, low, high, resamples}``, or None for AUC of a
-    single-class group; each metric's interval takes the draws ``DRAWS`` names: AUC's stratified by class),
-    ``too_small`` (age band -> its units: the bands medvl names), ``unnamed_small_groups`` and ``unnamed_small_records``
-    (how many other values are too small, and their records: counted, never named, since a rare value may be free
-    text or an identifier), ``missing`` (records without a value),
-    ``worst_group``, ``best_group`` and ``gap`` (None when fewer than two groups are scored).
+    ``smallest_class`` (the fewest records of a class present), ``rough`` (``smallest_class`` under
+    ``SMALL_CLASS``: its intervals are rough, and it is left out of the worst-group choice) and each metric as
+    ``{value, low, high, resamples}``, or None for AUC of a single-class group; each metric's interval takes the
+    draws ``DRAWS`` names: AUC's stratified by class), ``too_small`` (age band -> its units: the bands medvl
+    names), ``unnamed_small_groups`` and ``unnamed_small_records`` (how many other values are too small, and their
+    records: counted, never named, since a rare value may be free text or an identifier), ``rough_groups`` (how
+    many scored groups are ``rough``), ``missing`` (records without a value), ``worst_group``, ``best_group`` and
+    ``gap`` (None when fewer than two groups are scored and not rough).
     """
     y, scores = _check_scores(y_true, probabilities)
     check_number("min_size", min_size, minimum=1, integer=True)
@@ -281,7 +285,9 @@ def _column_metrics(y: np.ndarray, scores: np.ndarray, labels: list[str | None],
     small = {name: index for name, index in members.items() if name not in scored}
     groups = {name: {**_group_metrics(y[index], scores[index], settings | unit_of(index)), "units": size(index)}
               for name, index in scored.items()}
-    ranked = sorted((g[headline]["value"], name) for name, g in groups.items() if g[headline] is not None)
+    # a rough group's interval covers far less than its level: it would make a gap look significant that is not
+    ranked = sorted((g[headline]["value"], name) for name, g in groups.items()
+                    if g[headline] is not None and not g["rough"])
     worst, best, gap = None, None, None
     if len(ranked) >= 2:
         worst, best = ranked[0][1], ranked[-1][1]
@@ -296,6 +302,7 @@ def _column_metrics(y: np.ndarray, scores: np.ndarray, labels: list[str | None],
             "too_small": {name: size(index) for name, index in small.items() if name in _BAND_NAMES},
             "unnamed_small_groups": sum(name not in _BAND_NAMES for name in small),
             "unnamed_small_records": sum(len(index) for name, index in small.items() if name not in _BAND_NAMES),
+            "rough_groups": sum(group["rough"] for group in groups.values()),
             "missing": sum(label is None for label in labels),
             "worst_group": worst, "best_group": best, "gap": gap}
 
@@ -311,11 +318,12 @@ SMALL_CLASS = 5  # a group's class with fewer records: its intervals cover less 
 
 def _group_metrics(y: np.ndarray, scores: np.ndarray, settings: dict) -> dict:
     several = len(np.unique(y)) > 1
+    smallest = int(np.bincount(y)[np.unique(y)].min())
     return {
         "n": int(len(y)),
         # the interval of a group with a class of 1 or 2 records covers the true value far less often than its
         # level says (about 60 % for a "95 %" interval at 12 records in 6 classes): read its bounds as rough
-        "smallest_class": int(np.bincount(y)[np.unique(y)].min()),
+        "smallest_class": smallest, "rough": smallest < SMALL_CLASS,
         "auc": bootstrap_ci(macro_auc, y, scores, **DRAWS["auc"], **settings) if several else None,
         # a one-class group's draws all hold its class: balanced accuracy is its recall, drawn plainly
         "balanced_accuracy": bootstrap_ci(balanced_accuracy, y, scores, **DRAWS["balanced_accuracy"]
