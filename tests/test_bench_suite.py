@@ -835,6 +835,37 @@ def test_an_ood_row_on_the_split_the_guard_was_calibrated_on_is_a_leak_flag(two_
             f"of the {n_test} scored records; the share it flags among them is not a test") in flags, flags
 
 
+def test_the_ood_check_flags_only_a_share_significantly_above_what_the_guard_flags_by_design(two_models, phantom_dir,
+                                                                                             tmp_path):
+    """A guard at quantile 0.8 flags about 20 % of in-distribution images on purpose: scoring another split of its
+    own phantom raised the ood flag (any share above a fixed 5 %). The share is now tested against the guard's own
+    expected share (one-sided exact binomial), and both are stored."""
+    from scipy.stats import binomtest
+
+    model = tmp_path / "guarded"
+    shutil.copytree(two_models[0], model)
+    result, output = invoke("ood", "fit", "--model", model, "--data", phantom_dir, "--split", "train",
+                            "--calibration-split", "val", "--quantile", "0.8", "-q")
+    assert result.exit_code == 0, output
+    spec = {"path": str(phantom_dir), "split": "test", "label": "finding"}
+    suite = write_suite(tmp_path, phantom_dir, datasets={"phantom": spec}, checks=["ood"],
+                        tasks=[{"task": "zero-shot", "dataset": "phantom"}])
+    result, output = invoke("bench", "run", suite, "--model", model, "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, output
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    row = next(row for row in results["rows"] if row["metric"] == "ood: flagged share")
+    from medvl.models.ood import OODGuard
+
+    expected = OODGuard.load(model).info["expected_flagged_share"]
+    assert row["expected_flagged_share"] == expected > 0.1
+    flagged = round(row["value"] * row["n"])
+    assert row["value"] > 0.05  # flagged by the old fixed 5 % rule
+    assert row["p_value"] == pytest.approx(binomtest(flagged, row["n"], expected, alternative="greater").pvalue)
+    assert row["p_value"] >= 0.01 and not any("/ ood:" in flag for flag in results["flags"]), results["flags"]
+    assert any(r["metric"] == "ood: expected flagged share (in distribution)" and r["value"] == expected
+               for r in results["rows"])
+
+
 def test_checks_of_2d_images_are_skipped_for_a_3d_model_and_refused_in_its_task_list(tmp_path):
     """corruption and shortcut transform or mask 2D images: with a CT model, the suite's list skips them with the
     reason (named in the cell and the report) instead of failing after the task ran; a task's own list naming them

@@ -604,3 +604,23 @@ def test_the_ood_message_prints_the_score_above_the_threshold(guarded, phantom_d
     assert result.exit_code == 0, output
     [(shown_score, shown_threshold)] = re.findall(r"OOD score ([\d.]+) > ([\d.]+)\)", " ".join(output.split()))
     assert float(shown_score) > float(shown_threshold), output
+
+
+def test_a_flagged_share_is_tested_against_the_share_the_guard_flags_by_design():
+    """bench run's ood check flagged any share above a fixed 5 %: a guard at quantile 0.8 (19.5 % expected) flagged
+    its own distribution, and a guard at 0.999 missed a rise to 4 %. One-sided exact binomial test instead."""
+    from scipy.stats import binomtest
+
+    from medvl.eval.ood import flagged_excess
+    from medvl.models.ood import OODGuard
+
+    def guard(info):
+        return OODGuard(mean=torch.zeros(4), precision=torch.eye(4), threshold=1.0, info=info)
+
+    low = guard({"quantile": 0.8, "expected_flagged_share": 0.1951})
+    assert flagged_excess(low, 14, 80) == {"expected_flagged_share": 0.1951, "shifted": False,
+                                           "p_value": pytest.approx(binomtest(14, 80, 0.1951, "greater").pvalue)}
+    assert flagged_excess(low, 30, 80)["shifted"] is True
+    high = guard({"quantile": 0.999})  # fitted before the expected share was recorded: 1 - quantile
+    assert flagged_excess(high, 3, 80)["expected_flagged_share"] == 0.001 and flagged_excess(high, 3, 80)["shifted"]
+    assert flagged_excess(high, 0, 80)["p_value"] == 1.0 and not flagged_excess(high, 0, 0)["shifted"]

@@ -1319,16 +1319,29 @@ def _check_ood(ctx: _Context, scored: _Scored) -> None:
     if scored.ood is None:
         ctx.skipped["ood"] = "the model has no OOD guard (medvl ood fit)"
         return
-    ctx.row("ood: flagged share", scored.ood["flagged_share"], n=scored.ood["n"])
+    from ..eval.ood import OOD_EXCESS_LEVEL, flagged_excess
+
+    # tested against the share the guard flags in distribution by design, not a fixed 5 %
+    excess = flagged_excess(ctx.net.ood, scored.ood["flagged"], scored.ood["n"])
+    ctx.row("ood: flagged share", scored.ood["flagged_share"], n=scored.ood["n"],
+            expected_flagged_share=excess["expected_flagged_share"], p_value=excess["p_value"])
+    ctx.row("ood: expected flagged share (in distribution)", excess["expected_flagged_share"])
     seen = scored.ood.get("fitted_on_scored")  # eval.ood.guard_fitted_on_scored
     if seen is not None:
         roles = [f"{role} on split(s) {', '.join(seen[f'{key}_splits'])}"
                  for role, key in (("fitted", "fit"), ("calibrated", "calibration")) if seen[f"{key}_splits"]]
         ctx.flag("leak", f"the OOD guard was {' and '.join(roles)} of this data: {seen['records']} of the "
                          f"{seen['of']} scored records; the share it flags among them is not a test")
-    if scored.ood["flagged_share"] > 0.05:
+    if excess["shifted"]:
         ctx.flag("ood", f"the guard flags {scored.ood['flagged_share']:.1%} of the scored split as unlike the "
-                        "model's training images")
+                        f"model's training images; it flags {excess['expected_flagged_share']:.1%} of "
+                        f"in-distribution images by design (one-sided binomial p {_p_text(excess['p_value'])}, "
+                        f"level {OOD_EXCESS_LEVEL})")
+
+
+def _p_text(p_value: float) -> str:
+    """A p-value for a message: two significant digits, or "< 0.0001" (an exact test's tail underflows to 0)."""
+    return "< 0.0001" if p_value < 1e-4 else f"{p_value:.2g}"
 
 
 CHECK_RUNNERS: dict[str, Callable[[_Context, _Scored], None]] = {

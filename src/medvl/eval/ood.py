@@ -157,6 +157,31 @@ def summarize(guard: OODGuard, scores: np.ndarray) -> dict[str, Any]:
             "threshold": round(guard.threshold, 4)}
 
 
+OOD_EXCESS_LEVEL = 0.01  # one-sided level at which a flagged share above the guard's own expected share is a shift
+
+
+def expected_flagged_share(guard: OODGuard) -> float:
+    """The share of in-distribution images ``guard`` flags by design: its ``info["expected_flagged_share"]``
+    (``1 - quantile``, or ``1 / (n + 1)`` with a small calibration split), else ``1 - quantile`` (a guard fitted
+    before that share was recorded; quantile 0.99 when not recorded either)."""
+    recorded = guard.info.get("expected_flagged_share")
+    return float(recorded) if recorded is not None else 1.0 - float(guard.info.get("quantile", 0.99))
+
+
+def flagged_excess(guard: OODGuard, flagged: int, n: int) -> dict[str, Any]:
+    """Is ``flagged`` of ``n`` scored images significantly more than ``guard`` flags in distribution? Returns
+    ``expected_flagged_share`` and ``p_value``: the one-sided exact binomial test of ``flagged`` against that share
+    at ``n`` (scipy's ``binomtest``, alternative "greater"; 1.0 for ``n`` 0), and ``shifted``: ``p_value`` under
+    ``OOD_EXCESS_LEVEL``. A split-conformal guard flags about ``1 - quantile`` of in-distribution images on purpose,
+    so a fixed share (5 %) would flag the guard's own distribution at a low quantile and miss shifts at a high one."""
+    from scipy.stats import binomtest
+
+    expected = expected_flagged_share(guard)
+    p_value = float(binomtest(int(flagged), int(n), min(max(expected, 0.0), 1.0), alternative="greater").pvalue) \
+        if n else 1.0
+    return {"expected_flagged_share": round(expected, 4), "p_value": p_value, "shifted": p_value < OOD_EXCESS_LEVEL}
+
+
 def warn_flagged(flags: list[dict[str, Any]], what: str) -> None:
     """One warning when any input is out of distribution (counts only: never names or content)."""
     flagged = sum(bool(flag.get("out_of_distribution")) for flag in flags)
