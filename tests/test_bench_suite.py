@@ -1309,6 +1309,20 @@ def test_report_plots_draw_an_auc_below_0_3_and_the_balanced_accuracy_the_shortc
     assert heights[:2] == [0.8, 0.6]
 
 
+def test_the_sanity_plot_draws_every_compared_metric_and_names_it():
+    """The figure read a ``metric`` key the sanity block does not have, so it always drew balanced accuracy, unnamed,
+    beside a headline row and flags about AUC: now one panel per compared metric, named on its axis."""
+    from medvl.bench.html import _sanity
+
+    block = {"compared": ["auc", "balanced_accuracy"], "model": {"auc": 0.518, "balanced_accuracy": 0.537},
+             "baselines": {"blank_image": {"auc": 0.5, "balanced_accuracy": 0.5},
+                           "label_prior": {"auc": 0.5, "balanced_accuracy": 0.45}}}
+    axes = _sanity([("m", block)]).axes
+    assert [axis.get_ylabel() for axis in axes] == ["AUC: model vs sanity baselines",
+                                                    "balanced accuracy: model vs sanity baselines"]
+    assert [[bar.get_height() for bar in axis.patches] for axis in axes] == [[0.518, 0.5, 0.5], [0.537, 0.5, 0.45]]
+
+
 def test_case_retrieval_takes_the_sanity_check_and_an_image_blind_model_is_flagged(two_models, phantom_dir,
                                                                                     tmp_path):
     """precision@k against a random ranking: an image-blind model does not beat it and is flagged, whether the

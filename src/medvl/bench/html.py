@@ -227,6 +227,15 @@ def _bars(drawn: list[tuple[str, Any]], series: Callable[[Any], dict[str, float 
     plt = _pyplot()
     names = list(dict.fromkeys(name for _, block in drawn for name in series(block)))
     figure, axis = plt.subplots(figsize=(max(4.5, 1.3 * len(names) * len(drawn)), 3.4))
+    _bar_axis(axis, drawn, series, ylabel)
+    figure.tight_layout()
+    return figure
+
+
+def _bar_axis(axis, drawn: list[tuple[str, Any]], series: Callable[[Any], dict[str, float | None]],
+              ylabel: str) -> None:
+    """One bar per name of ``series`` and per model, on ``axis``."""
+    names = list(dict.fromkeys(name for _, block in drawn for name in series(block)))
     width = 0.8 / len(drawn)
     for m, (model, block) in enumerate(drawn):
         values = series(block)
@@ -235,18 +244,26 @@ def _bars(drawn: list[tuple[str, Any]], series: Callable[[Any], dict[str, float 
     axis.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=20, fontsize=8)
     axis.set(ylabel=ylabel, ylim=(0, 1.05))
     axis.legend(fontsize=7)
-    figure.tight_layout()
-    return figure
+
+
+SANITY_METRIC_NAMES = {"auc": "AUC", "balanced_accuracy": "balanced accuracy", "accuracy": "accuracy"}
 
 
 def _sanity(drawn: list[tuple[str, Any]]) -> Figure:
-    def series(block: dict[str, Any]) -> dict[str, float | None]:
-        metric = block.get("metric", "balanced_accuracy")
-        values = {"model": block.get("model", {}).get(metric)}
-        values.update({name: metrics.get(metric) for name, metrics in block["baselines"].items()})
-        return values
+    """One panel per metric the check compared (``compared``: AUC and balanced accuracy, each with its flags),
+    the metric named on its axis."""
+    metrics = list(dict.fromkeys(metric for _, block in drawn for metric in block.get("compared", [])))
+    figure, axes = _model_axes(len(metrics or ["balanced_accuracy"]), width=max(4.5, 1.3 * 4 * len(drawn)))
+    for axis, metric in zip(axes, metrics or ["balanced_accuracy"], strict=True):
+        def series(block: dict[str, Any], metric: str = metric) -> dict[str, float | None]:
+            values = {"model": block.get("model", {}).get(metric)}
+            values.update({name: baseline.get(metric) for name, baseline in block["baselines"].items()})
+            return values
 
-    figure = _bars(drawn, series, "model vs sanity baselines")
+        name = SANITY_METRIC_NAMES.get(metric, metric)
+        _bar_axis(axis, drawn, series, f"{name}: model vs sanity baselines")
+        axis.set_title(name)
+    figure.tight_layout()
     return figure
 
 
