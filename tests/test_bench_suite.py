@@ -1309,6 +1309,21 @@ def test_report_plots_draw_an_auc_below_0_3_and_the_balanced_accuracy_the_shortc
     assert heights[:2] == [0.8, 0.6]
 
 
+def test_the_reliability_bins_name_the_scored_split_and_the_split_the_temperature_was_fitted_on(finished_run):
+    """The bins are the scored split's (test), before and after a temperature fitted on val: they were stored and
+    drawn under ``split: val`` (the calibration split's name) or no split at all."""
+    from medvl.bench.html import _reliability
+
+    _, out, _ = finished_run
+    cells = [json.loads(path.read_text()) for path in (out / "cells").glob("*.json")]
+    block = next(cell["plots"]["calibration"] for cell in cells if "calibration" in cell["plots"])
+    assert (block["fitted_on"], block["split"]) == ("val", "test")
+    axis = _reliability([("alpha", block)]).axes[0]
+    assert axis.get_title() == "alpha: test"
+    assert [text.get_text() for text in axis.get_legend().get_texts()] == [
+        "before temperature scaling", "after a temperature fitted on val"]
+
+
 def test_the_sanity_plot_draws_every_compared_metric_and_names_it():
     """The figure read a ``metric`` key the sanity block does not have, so it always drew balanced accuracy, unnamed,
     beside a headline row and flags about AUC: now one panel per compared metric, named on its axis."""

@@ -147,12 +147,15 @@ def _model_axes(count: int, width: float = 4.0, height: float = 3.4):
 def _reliability(drawn: list[tuple[str, Any]]) -> Figure:
     figure, axes = _model_axes(len(drawn))
     for axis, (model, block) in zip(axes, drawn, strict=True):
+        fitted_on = block.get("fitted_on")  # the bins are the scored split's; the temperature is fitted_on's
+        labels = {"before": "before temperature scaling",
+                  "after": f"after a temperature fitted on {fitted_on}" if fitted_on else "after temperature scaling"}
         for stage, style in (("before", "o--"), ("after", "s-")):
             bins = [b for b in block["reliability"][stage] if b["count"]]
-            axis.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], style,
-                      label=f"{stage} temperature scaling")
+            axis.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], style, label=labels[stage])
         axis.plot([0, 1], [0, 1], "k:", linewidth=0.8)
-        axis.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=model)
+        title = f"{model}: {block['split']}" if fitted_on and block.get("split") else model
+        axis.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=title)
         axis.legend(fontsize=7, loc="upper left")
     return figure
 

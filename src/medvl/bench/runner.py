@@ -1081,7 +1081,9 @@ def _check_calibration(ctx: _Context, scored: _Scored) -> None:
     for key in ("ece_before", "ece_after", "brier_before", "brier_after", "nll_before", "nll_after", "temperature"):
         ctx.row(f"calibration: {key}", block[key])
     ctx.row("calibration: aurc", block["risk_coverage"]["aurc"])
-    ctx.plots["calibration"] = {"reliability": block["reliability"], "split": spec.calibration_split}
+    # the bins are the scored split's, before and after a temperature fitted on the calibration split
+    ctx.plots["calibration"] = {"reliability": block["reliability"], "fitted_on": spec.calibration_split,
+                                "split": spec.split}
     ctx.plots["risk_coverage"] = {"risk_coverage": block["risk_coverage"]}
     rise = _ece_rise(block, spec.calibration_split, spec.split)
     if rise is not None:
