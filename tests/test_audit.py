@@ -11,7 +11,7 @@ from PIL import Image
 from cli_helpers import invoke
 from medvl.data import load_dataset
 from medvl.data.audit import audit_dataset, difference_hash, flagged_ids, image_checks
-from medvl.data.images import read_image
+from medvl.data.images import pixel_sha256, read_image
 from medvl.errors import InputError
 
 
@@ -431,3 +431,32 @@ def test_every_film_of_a_multi_image_question_is_audited(tmp_path):
     flagged = {r["id"]: r for r in audit["records"] if "unreadable" in r["flags"]}
     assert set(flagged) == {r.id for r in damaged}
     assert all("image 2: " in flagged[r.id]["detail"]["unreadable"] for r in damaged)
+
+
+def test_a_grey_image_and_its_rgb_and_rgba_copies_are_the_same_pixels_even_when_streaked_or_blank(tmp_path):
+    """The exact-duplicate key was the decoded array as it is, so a grey film and its RGB / RGBA export (three equal
+    channels, as PACS and viewers write it) were no duplicate; blank and streaked images are left out of the near
+    pass, so such a pair in train and test was no leak at all. The key is now the picture as a model reads its
+    channels (``pixel_sha256``), as the case index hashes it."""
+    rng = np.random.default_rng(0)
+    streak = np.tile(rng.integers(0, 255, 128).astype(np.uint8), (128, 1))  # every row the same line
+    blank = ((rng.random((64, 64)) > 0.5) + 10).astype(np.uint8)  # one grey level of noise
+    Image.fromarray(streak).save(tmp_path / "s_grey.png")
+    Image.fromarray(streak).convert("RGB").save(tmp_path / "s_rgb.png")
+    Image.fromarray(streak).convert("RGBA").save(tmp_path / "s_rgba.png")
+    Image.fromarray(blank).save(tmp_path / "b_grey.png")
+    Image.fromarray(blank).convert("RGB").save(tmp_path / "b_rgb.png")
+    colour = smooth_image(9)  # a colour picture is never its grey version
+    Image.fromarray(colour).save(tmp_path / "c_rgb.png")
+    Image.fromarray(colour.mean(-1).astype(np.uint8)).save(tmp_path / "c_grey.png")
+    (tmp_path / "manifest.csv").write_text(
+        "image,split\ns_grey.png,train\ns_rgb.png,test\ns_rgba.png,val\nb_grey.png,train\nb_rgb.png,test\n"
+        "c_rgb.png,train\nc_grey.png,test\n")
+    audit = audit_dataset(load_dataset(tmp_path / "manifest.csv"), show_progress=False)
+    exact = [(g["ids"], g["splits"], g["leak"]) for g in audit["duplicate_groups"] if g["kind"] == "exact"]
+    assert exact == [(["s_grey", "s_rgb", "s_rgba"], ["test", "train", "val"], True),
+                     (["b_grey", "b_rgb"], ["test", "train"], True)]
+    assert audit["counts"]["duplicate"] == 5 and audit["counts"]["streaked"] == 3 and audit["counts"]["blank"] == 2
+    detail = {r["id"]: r["detail"] for r in audit["records"]}
+    assert detail["s_grey"]["duplicate"] == "same pixels as s_rgb, s_rgba"
+    assert image_checks(read_image(tmp_path / "s_rgb.png"))["sha256"] == pixel_sha256(streak)

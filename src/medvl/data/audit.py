@@ -17,7 +17,10 @@ whole array for the content checks, no axis check):
   ``STREAK_RATIO`` of that along the other, or below ``STREAK_NOISE`` grey levels (compression noise) and
   below ``STREAK_NOISE_RATIO`` of that along the other: rows (or columns) repeat, e.g. a single line of
   pixels stretched over the image;
-- ``duplicate``: the same decoded pixels as another record (SHA-256 of the array); ``near_duplicate``:
+- ``duplicate``: the same decoded pixels as another record (``pixel_sha256``: SHA-256 of the array as a model
+  reads its channels, ``model_channels``, as the case index hashes it: a grey picture saved as RGB, or RGBA with an
+  opaque alpha, of three equal channels, as many viewers and PACS exports write it, is that grey picture, so a
+  blank or streaked one and its copy are found too); ``near_duplicate``:
   the same 64-bit difference hash (a 9x8 grayscale thumbnail's horizontal gradient signs) without being
   identical, confirmed on the pixels: 95 % of the pixels of the two images' 32x32 grayscale thumbnails differ
   by under ``NEAR_LEVELS`` grey levels once their brightness and contrast are evened out (``picture_distance``),
@@ -32,7 +35,6 @@ Nothing here reads text or logs pixels; ids and file names are reported, as ever
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections import Counter, defaultdict
@@ -43,9 +45,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError, InputError
-from .images import read_image
+from .images import pixel_sha256, read_image
 from .loading import batched, map_ahead, resolve_workers
-from .record import Dataset, ImageSource, canonical_bytes
+from .record import Dataset, ImageSource
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +75,15 @@ THUMBNAIL = 32  # side of the thumbnail the near-duplicate pixel check compares
 BATCH = 32  # images per worker task
 
 
-def image_checks(array: np.ndarray) -> dict[str, Any]:
+def image_checks(array: np.ndarray, spatial_dims: int = 2) -> dict[str, Any]:
     """The content checks of one decoded image: ``flags`` (subset of ``blank``, ``streaked``),
-    ``detail`` (a short reason per flag), ``sha256`` of the pixels, ``dhash`` (16 hex digits) and ``thumbnail``
-    (``thumbnail``'s 32x32 grey levels, for the near-duplicate pixel check)."""
+    ``detail`` (a short reason per flag), ``sha256`` of the pixels as a model reads their channels (``pixel_sha256``;
+    ``spatial_dims`` 3: a volume, hashed as it is), ``dhash`` (16 hex digits) and ``thumbnail`` (``thumbnail``'s
+    32x32 grey levels, for the near-duplicate pixel check)."""
     gray = _gray(array)
     eight_bit = array.dtype == np.uint8
     detail = content_checks(gray, eight_bit=eight_bit, scale=full_scale(array))
-    return {"flags": list(detail), "detail": detail, "sha256": hashlib.sha256(canonical_bytes(array)).hexdigest(),
+    return {"flags": list(detail), "detail": detail, "sha256": pixel_sha256(array, spatial_dims),
             "dhash": difference_hash(gray), "thumbnail": thumbnail(gray, eight_bit=eight_bit)}
 
 
