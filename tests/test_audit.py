@@ -460,3 +460,26 @@ def test_a_grey_image_and_its_rgb_and_rgba_copies_are_the_same_pixels_even_when_
     detail = {r["id"]: r["detail"] for r in audit["records"]}
     assert detail["s_grey"]["duplicate"] == "same pixels as s_rgb, s_rgba"
     assert image_checks(read_image(tmp_path / "s_rgb.png"))["sha256"] == pixel_sha256(streak)
+
+
+def test_a_nifti_file_one_voxel_thick_is_audited_as_the_2d_image_a_model_reads(tmp_path):
+    """The audit read a one-slice NIfTI as the (1, H, W) volume stored: no row / column check (a streaked slice
+    passed while ``input_flags`` flags the model's input), and hashed un-turned, so a PNG of the slice as a 2D model
+    and the reading page see it (``read_image_2d``) in another split was no duplicate and no leak."""
+    nib = pytest.importorskip("nibabel")
+    from medvl.data.images import read_image_2d
+
+    def save_slice(picture: np.ndarray, path) -> None:  # one axial slice, stored as RAS (x, y, 1)
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(picture[::-1, ::-1].T[:, :, None]), np.eye(4)), path)
+
+    picture = smooth_image(10)[..., 0]
+    Image.fromarray(picture).save(tmp_path / "slice.png")
+    save_slice(picture, tmp_path / "slice.nii.gz")
+    streak = np.tile(np.random.default_rng(0).integers(0, 255, 96).astype(np.uint8), (96, 1))
+    save_slice(streak, tmp_path / "streak.nii.gz")
+    assert np.array_equal(read_image_2d(tmp_path / "slice.nii.gz"), picture)
+    (tmp_path / "manifest.csv").write_text("image,split\nslice.png,train\nslice.nii.gz,test\nstreak.nii.gz,train\n")
+    audit = audit_dataset(load_dataset(tmp_path / "manifest.csv"), show_progress=False)
+    flags = {r["id"]: r["flags"] for r in audit["records"]}
+    assert flags == {"slice": ["near_duplicate"], "slice.nii": ["near_duplicate"], "streak.nii": ["streaked"]}
+    assert [(g["kind"], g["ids"], g["leak"]) for g in audit["leaks"]] == [("near", ["slice", "slice.nii"], True)]

@@ -5,7 +5,8 @@ A model cannot learn from an image whose lesion was lost in a broken conversion,
 across train and test inflates every test figure; both happen in public collections (about one in
 six of the shared ISIC dermoscopy images has every row identical). Per image, on the decoded array
 (grayscale: the channel mean, of each frame for a multi-frame colour DICOM; volumes and multi-frame images: the
-whole array for the content checks, no axis check):
+whole array for the content checks, no axis check; a NIfTI file one voxel thick: the 2D image a 2D model reads,
+``read_image_2d``'s slice in reading orientation):
 
 - ``unreadable``: the reader raised ``DataError`` (missing, empty, corrupt, too large); the reason is kept;
 - ``blank``: fewer than ``BLANK_LEVELS`` grey levels between the 0.5th and 99.5th percentiles, on a 0-255
@@ -44,10 +45,12 @@ from typing import Any
 
 import numpy as np
 
+from ..clinical.formats import NIFTI_SUFFIXES
+from ..clinical.windowing import one_slice_view
 from ..errors import DataError, InputError
-from .images import pixel_sha256, read_image
+from .images import image_suffix, pixel_sha256, read_image
 from .loading import batched, map_ahead, resolve_workers
-from .record import Dataset, ImageSource
+from .record import Dataset, ImageSource, LoadableImage
 
 log = logging.getLogger(__name__)
 
@@ -337,11 +340,27 @@ def _check_batch(_context: Any, images: Sequence[ImageSource]) -> list[dict[str,
     out = []
     for image in images:
         try:
-            out.append(image_checks(read_image(image) if not isinstance(image, np.ndarray) else image))
+            out.append(image_checks(*_as_read(image)))
         except DataError as err:
             out.append({"flags": ["unreadable"], "detail": {"unreadable": str(err)}, "sha256": None, "dhash": None,
                         "thumbnail": None})
     return out
+
+
+def _as_read(image: ImageSource) -> tuple[np.ndarray, int]:
+    """The array the audit checks of one image, and its spatial dims (``image_checks``): a NIfTI file one voxel thick
+    along an axis as the 2D image a 2D model reads (``one_slice_view``, as ``read_image_2d`` turns it: its plane in
+    reading orientation), so it gets the row / column check and the hashes of that picture; a volume of several
+    slices (NIfTI, a DICOM series) as it is (3); any other image as read."""
+    if isinstance(image, np.ndarray):
+        return image, 2
+    array = read_image(image)
+    if isinstance(image, LoadableImage):
+        return array, 3
+    if image_suffix(image) not in NIFTI_SUFFIXES:
+        return array, 2
+    plane = one_slice_view(array)
+    return (array, 3) if plane is None else (np.ascontiguousarray(plane), 2)
 
 
 def _file_groups(checks: list[dict[str, Any]], near_distance: int) -> list[dict[str, Any]]:
