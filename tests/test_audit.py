@@ -483,3 +483,31 @@ def test_a_nifti_file_one_voxel_thick_is_audited_as_the_2d_image_a_model_reads(t
     flags = {r["id"]: r["flags"] for r in audit["records"]}
     assert flags == {"slice": ["near_duplicate"], "slice.nii": ["near_duplicate"], "streak.nii": ["streaked"]}
     assert [(g["kind"], g["ids"], g["leak"]) for g in audit["leaks"]] == [("near", ["slice", "slice.nii"], True)]
+
+
+def test_an_image_so_thin_that_a_model_repeats_its_rows_is_streaked(tmp_path):
+    """A single line of pixels (1 x 2000) or two (2 x 2000, 3000 x 2) passed the audit: the axis check needed two
+    rows, and two rows differ. A model squashes them to its square input, where ``input_flags`` finds the rows
+    repeat; the audit now checks such an image squashed so too, and says so by counting."""
+    from medvl.data.audit import input_flags
+    from medvl.models.config import ImageConfig
+    from medvl.models.preprocess import ImagePreprocessor
+
+    rng = np.random.default_rng(1)
+    thin = {"line": (1, 2000), "col": (3000, 2), "thin": (2, 2000)}
+    for name, shape in thin.items():
+        Image.fromarray(rng.integers(0, 255, shape).astype(np.uint8)).save(tmp_path / f"{name}.png")
+    Image.fromarray(smooth_image(11)[:40]).save(tmp_path / "wide.png")  # 40 x 96: a picture, not a streak
+    (tmp_path / "manifest.csv").write_text("image\nline.png\ncol.png\nthin.png\nwide.png\n")
+    audit = audit_dataset(load_dataset(tmp_path / "manifest.csv"), show_progress=False)
+    detail = {r["id"]: r["detail"] for r in audit["records"]}
+    assert set(detail) == set(thin) and audit["counts"]["streaked"] == 3
+    assert detail["line"]["streaked"] == ("1 row of 2000 pixels: squashed to a square as a model reads it (128 px), "
+                                          "each repeats about 128 times: the rows repeat")
+    columns = detail["col"]["streaked"]
+    assert columns.startswith("2 columns of 3000 pixels:") and columns.endswith("the columns repeat")
+    for size in (64, 128):  # the model's input agrees
+        preprocessor = ImagePreprocessor(ImageConfig(image_size=size))
+        for name in [*thin, "wide"]:
+            flags = input_flags(preprocessor.load(tmp_path / f"{name}.png").numpy())
+            assert ("streaked" in flags) == (name in thin), (size, name)
