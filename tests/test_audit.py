@@ -11,7 +11,7 @@ from PIL import Image
 from cli_helpers import invoke
 from medvl.data import load_dataset
 from medvl.data.audit import audit_dataset, difference_hash, flagged_ids, image_checks
-from medvl.data.images import read_image
+from medvl.data.images import pixel_sha256, read_image
 from medvl.errors import InputError
 
 
@@ -431,3 +431,83 @@ def test_every_film_of_a_multi_image_question_is_audited(tmp_path):
     flagged = {r["id"]: r for r in audit["records"] if "unreadable" in r["flags"]}
     assert set(flagged) == {r.id for r in damaged}
     assert all("image 2: " in flagged[r.id]["detail"]["unreadable"] for r in damaged)
+
+
+def test_a_grey_image_and_its_rgb_and_rgba_copies_are_the_same_pixels_even_when_streaked_or_blank(tmp_path):
+    """The exact-duplicate key was the decoded array as it is, so a grey film and its RGB / RGBA export (three equal
+    channels, as PACS and viewers write it) were no duplicate; blank and streaked images are left out of the near
+    pass, so such a pair in train and test was no leak at all. The key is now the picture as a model reads its
+    channels (``pixel_sha256``), as the case index hashes it."""
+    rng = np.random.default_rng(0)
+    streak = np.tile(rng.integers(0, 255, 128).astype(np.uint8), (128, 1))  # every row the same line
+    blank = ((rng.random((64, 64)) > 0.5) + 10).astype(np.uint8)  # one grey level of noise
+    Image.fromarray(streak).save(tmp_path / "s_grey.png")
+    Image.fromarray(streak).convert("RGB").save(tmp_path / "s_rgb.png")
+    Image.fromarray(streak).convert("RGBA").save(tmp_path / "s_rgba.png")
+    Image.fromarray(blank).save(tmp_path / "b_grey.png")
+    Image.fromarray(blank).convert("RGB").save(tmp_path / "b_rgb.png")
+    colour = smooth_image(9)  # a colour picture is never its grey version
+    Image.fromarray(colour).save(tmp_path / "c_rgb.png")
+    Image.fromarray(colour.mean(-1).astype(np.uint8)).save(tmp_path / "c_grey.png")
+    (tmp_path / "manifest.csv").write_text(
+        "image,split\ns_grey.png,train\ns_rgb.png,test\ns_rgba.png,val\nb_grey.png,train\nb_rgb.png,test\n"
+        "c_rgb.png,train\nc_grey.png,test\n")
+    audit = audit_dataset(load_dataset(tmp_path / "manifest.csv"), show_progress=False)
+    exact = [(g["ids"], g["splits"], g["leak"]) for g in audit["duplicate_groups"] if g["kind"] == "exact"]
+    assert exact == [(["s_grey", "s_rgb", "s_rgba"], ["test", "train", "val"], True),
+                     (["b_grey", "b_rgb"], ["test", "train"], True)]
+    assert audit["counts"]["duplicate"] == 5 and audit["counts"]["streaked"] == 3 and audit["counts"]["blank"] == 2
+    detail = {r["id"]: r["detail"] for r in audit["records"]}
+    assert detail["s_grey"]["duplicate"] == "same pixels as s_rgb, s_rgba"
+    assert image_checks(read_image(tmp_path / "s_rgb.png"))["sha256"] == pixel_sha256(streak)
+
+
+def test_a_nifti_file_one_voxel_thick_is_audited_as_the_2d_image_a_model_reads(tmp_path):
+    """The audit read a one-slice NIfTI as the (1, H, W) volume stored: no row / column check (a streaked slice
+    passed while ``input_flags`` flags the model's input), and hashed un-turned, so a PNG of the slice as a 2D model
+    and the reading page see it (``read_image_2d``) in another split was no duplicate and no leak."""
+    nib = pytest.importorskip("nibabel")
+    from medvl.data.images import read_image_2d
+
+    def save_slice(picture: np.ndarray, path) -> None:  # one axial slice, stored as RAS (x, y, 1)
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(picture[::-1, ::-1].T[:, :, None]), np.eye(4)), path)
+
+    picture = smooth_image(10)[..., 0]
+    Image.fromarray(picture).save(tmp_path / "slice.png")
+    save_slice(picture, tmp_path / "slice.nii.gz")
+    streak = np.tile(np.random.default_rng(0).integers(0, 255, 96).astype(np.uint8), (96, 1))
+    save_slice(streak, tmp_path / "streak.nii.gz")
+    assert np.array_equal(read_image_2d(tmp_path / "slice.nii.gz"), picture)
+    (tmp_path / "manifest.csv").write_text("image,split\nslice.png,train\nslice.nii.gz,test\nstreak.nii.gz,train\n")
+    audit = audit_dataset(load_dataset(tmp_path / "manifest.csv"), show_progress=False)
+    flags = {r["id"]: r["flags"] for r in audit["records"]}
+    assert flags == {"slice": ["near_duplicate"], "slice.nii": ["near_duplicate"], "streak.nii": ["streaked"]}
+    assert [(g["kind"], g["ids"], g["leak"]) for g in audit["leaks"]] == [("near", ["slice", "slice.nii"], True)]
+
+
+def test_an_image_so_thin_that_a_model_repeats_its_rows_is_streaked(tmp_path):
+    """A single line of pixels (1 x 2000) or two (2 x 2000, 3000 x 2) passed the audit: the axis check needed two
+    rows, and two rows differ. A model squashes them to its square input, where ``input_flags`` finds the rows
+    repeat; the audit now checks such an image squashed so too, and says so by counting."""
+    from medvl.data.audit import input_flags
+    from medvl.models.config import ImageConfig
+    from medvl.models.preprocess import ImagePreprocessor
+
+    rng = np.random.default_rng(1)
+    thin = {"line": (1, 2000), "col": (3000, 2), "thin": (2, 2000)}
+    for name, shape in thin.items():
+        Image.fromarray(rng.integers(0, 255, shape).astype(np.uint8)).save(tmp_path / f"{name}.png")
+    Image.fromarray(smooth_image(11)[:40]).save(tmp_path / "wide.png")  # 40 x 96: a picture, not a streak
+    (tmp_path / "manifest.csv").write_text("image\nline.png\ncol.png\nthin.png\nwide.png\n")
+    audit = audit_dataset(load_dataset(tmp_path / "manifest.csv"), show_progress=False)
+    detail = {r["id"]: r["detail"] for r in audit["records"]}
+    assert set(detail) == set(thin) and audit["counts"]["streaked"] == 3
+    assert detail["line"]["streaked"] == ("1 row of 2000 pixels: squashed to a square as a model reads it (128 px), "
+                                          "each repeats about 128 times: the rows repeat")
+    columns = detail["col"]["streaked"]
+    assert columns.startswith("2 columns of 3000 pixels:") and columns.endswith("the columns repeat")
+    for size in (64, 128):  # the model's input agrees
+        preprocessor = ImagePreprocessor(ImageConfig(image_size=size))
+        for name in [*thin, "wide"]:
+            flags = input_flags(preprocessor.load(tmp_path / f"{name}.png").numpy())
+            assert ("streaked" in flags) == (name in thin), (size, name)

@@ -133,3 +133,23 @@ def test_copies_of_the_asked_images_under_other_names_are_left_out_by_their_pixe
         kept, left_out = leave_out_images(data, [elsewhere])
     assert left_out == 0 and len(kept) == len(data)
     assert f"none of the 1 images {elsewhere} asks about were found in the training data" in caplog.text
+
+
+def test_an_rgb_or_rgba_export_of_a_grey_training_image_is_left_out_by_its_pixels(shared_data, tmp_path):
+    """A question's film saved as RGB (or RGBA) of three equal channels, as PACS exports and viewers write a grey
+    X-ray, was compared as its three channels, so the grey training image it copies stayed in the pretraining set
+    (and no warning was given: another film of the file was found). Pixels are compared as a model reads their
+    channels (``pixel_sha256``)."""
+    (tmp_path / "train").mkdir()
+    (tmp_path / "vqa").mkdir()
+    sources = sorted((shared_data / "medpix-2.0" / "images").glob("*.jpg"))[:4]
+    for number, source in enumerate(sources):
+        Image.open(source).convert("L").resize((48, 48)).save(tmp_path / "train" / f"case{number}.png")
+    Image.open(tmp_path / "train" / "case0.png").convert("RGB").save(tmp_path / "vqa" / "film_a.png")
+    Image.open(tmp_path / "train" / "case1.png").convert("RGBA").save(tmp_path / "vqa" / "film_b.png")
+    shutil.copy(tmp_path / "train" / "case2.png", tmp_path / "vqa" / "film_c.png")  # a grey copy, as before
+    (tmp_path / "train" / "manifest.csv").write_text(
+        "image,text\n" + "".join(f"case{number}.png,a scan\n" for number in range(4)))
+    questions = _questions(tmp_path / "vqa" / "testset.json", ["film_a.png", "film_b.png", "film_c.png"])
+    kept, left_out = leave_out_images(load_dataset(tmp_path / "train" / "manifest.csv"), [questions])
+    assert left_out == 3 and [r.id for r in kept] == ["case3"]

@@ -948,3 +948,17 @@ def test_a_report_over_128_kib_is_a_readable_csv_cell(tmp_path):
     (tmp_path / "long.csv").write_text(f'image,text\na.png,"{report}"\n')
     [record] = load_dataset(tmp_path / "long.csv")
     assert record.text == report.strip()
+
+
+def test_medpix_image_suffixes_are_matched_in_any_case(tmp_path):
+    """A MedPix folder copied from Windows or a camera export holds ``.JPG`` files: the loader globbed ``*.jpg``
+    (case-sensitive on Linux) and refused the folder, naming a ``.jpg`` path, while ``image_suffix`` and the manifest
+    loader take any case. A stem in two spellings keeps the lower-case one, as it keeps .jpg over .png."""
+    _images(tmp_path, ["images/MPX1_synpic1.JPG", "images/MPX1_synpic2.Png", "images/MPX2_synpic3.jpg",
+                       "images/MPX2_synpic3.JPG", "images/MPX2_synpic4.PNG", "images/MPX2_synpic4.jpeg"])
+    (tmp_path / "descriptions_train.jsonl").write_text("".join(
+        json.dumps({"image": f"MPX{case}_synpic{number}", "Type": "CT", "Description": {"Caption": "c"}}) + "\n"
+        for case, number in ((1, 1), (1, 2), (2, 3), (2, 4))), encoding="utf-8")
+    dataset = load_dataset(tmp_path)
+    assert [Path(r.image).name for r in dataset] == ["MPX1_synpic1.JPG", "MPX1_synpic2.Png", "MPX2_synpic3.jpg",
+                                                     "MPX2_synpic4.PNG"]

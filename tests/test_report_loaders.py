@@ -5,6 +5,7 @@ Real shared data where it exists (skipped without it), small files written here 
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import logging
@@ -92,6 +93,7 @@ def test_iu_records_text_labels_and_splits(iu_dataset):
     assert abnormal.meta["mesh_major"].startswith("Opacity/lung/upper lobe/right; Pulmonary Atelectasis")
     assert abnormal.meta["views"] == "PA"  # from nlmcxr_dicom_metadata.csv.gz
     assert normal.images == [] and normal.meta["image_ids"] == "CXR1_1_IM-0001-3001; CXR1_1_IM-0001-4001"
+    assert normal.meta["views"] == "PA"  # the table writes its images CXR1_IM-0001-3001 / -4001
     with pytest.raises(InputError, match="'CXR1' has no image"):
         _ = normal.image
     assert Counter(r.labels.get("status") for r in iu_dataset) == {"abnormal": 2463, "normal": 1363, None: 101}
@@ -100,6 +102,21 @@ def test_iu_records_text_labels_and_splits(iu_dataset):
     assert splits == {"train": 3121, "val": 395, "test": 411}
     assert all(r.split == hash_split(r.id) for r in iu_dataset)
     assert len(iu_dataset.select("val")) == 395
+
+
+def test_iu_image_ids_with_open_is_inner_number_find_their_view(tmp_path):
+    """Report CXR1 names its images ``CXR1_1_IM-0001-3001`` where the metadata table writes ``CXR1_IM-0001-3001``
+    (2 of the 7,470 image ids of the shared archive): they got no view position. An id found as written still wins."""
+    write_tgz(tmp_path / "NLMCXR_reports.tgz", {
+        "ecgen-radiology/1.xml": report_xml("CXR1", images=("CXR1_1_IM-0001-3001", "CXR1_1_IM-0001-4001")),
+        "ecgen-radiology/2.xml": report_xml("CXR2", images=("CXR2_IM-0002-1001", "CXR2_3_IM-0002-2001")),
+    })
+    table = "imageid,View Position\nCXR1_IM-0001-3001,PA\nCXR1_IM-0001-4001,LATERAL\nCXR2_IM-0002-1001,AP\n" \
+            "CXR2_3_IM-0002-2001,LL\nCXR2_IM-0002-2001,PA\n"
+    with gzip.open(tmp_path / iu_xray.METADATA_NAME, "wt", encoding="utf-8") as handle:
+        handle.write(table)
+    views = {r.id: r.meta.get("views") for r in load_iu_xray(tmp_path)}
+    assert views == {"CXR1": "PA; LATERAL", "CXR2": "AP; LL"}
 
 
 def test_iu_sections_choice_and_no_views(shared_data):

@@ -5,7 +5,8 @@ A model cannot learn from an image whose lesion was lost in a broken conversion,
 across train and test inflates every test figure; both happen in public collections (about one in
 six of the shared ISIC dermoscopy images has every row identical). Per image, on the decoded array
 (grayscale: the channel mean, of each frame for a multi-frame colour DICOM; volumes and multi-frame images: the
-whole array for the content checks, no axis check):
+whole array for the content checks, no axis check; a NIfTI file one voxel thick: the 2D image a 2D model reads,
+``read_image_2d``'s slice in reading orientation):
 
 - ``unreadable``: the reader raised ``DataError`` (missing, empty, corrupt, too large); the reason is kept;
 - ``blank``: fewer than ``BLANK_LEVELS`` grey levels between the 0.5th and 99.5th percentiles, on a 0-255
@@ -16,8 +17,13 @@ whole array for the content checks, no axis check):
 - ``streaked``: the mean absolute difference between neighbouring pixels along one axis is below
   ``STREAK_RATIO`` of that along the other, or below ``STREAK_NOISE`` grey levels (compression noise) and
   below ``STREAK_NOISE_RATIO`` of that along the other: rows (or columns) repeat, e.g. a single line of
-  pixels stretched over the image;
-- ``duplicate``: the same decoded pixels as another record (SHA-256 of the array); ``near_duplicate``:
+  pixels stretched over the image; and so for an image so thin (a single line of pixels, 1 x 2000, or 2 x 2000) that
+  a model's resize to its square input repeats its rows: checked squashed to that square (``_squashed``), as
+  ``input_flags`` checks the model's input;
+- ``duplicate``: the same decoded pixels as another record (``pixel_sha256``: SHA-256 of the array as a model
+  reads its channels, ``model_channels``, as the case index hashes it: a grey picture saved as RGB, or RGBA with an
+  opaque alpha, of three equal channels, as many viewers and PACS exports write it, is that grey picture, so a
+  blank or streaked one and its copy are found too); ``near_duplicate``:
   the same 64-bit difference hash (a 9x8 grayscale thumbnail's horizontal gradient signs) without being
   identical, confirmed on the pixels: 95 % of the pixels of the two images' 32x32 grayscale thumbnails differ
   by under ``NEAR_LEVELS`` grey levels once their brightness and contrast are evened out (``picture_distance``),
@@ -32,7 +38,6 @@ Nothing here reads text or logs pixels; ids and file names are reported, as ever
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections import Counter, defaultdict
@@ -42,10 +47,12 @@ from typing import Any
 
 import numpy as np
 
+from ..clinical.formats import NIFTI_SUFFIXES
+from ..clinical.windowing import one_slice_view
 from ..errors import DataError, InputError
-from .images import read_image
+from .images import image_suffix, pixel_sha256, read_image
 from .loading import batched, map_ahead, resolve_workers
-from .record import Dataset, ImageSource, canonical_bytes
+from .record import Dataset, ImageSource, LoadableImage
 
 log = logging.getLogger(__name__)
 
@@ -69,18 +76,22 @@ NEAR_LEVELS = 12.0  # grey levels (of 255): 95th percentile of the absolute diff
 # and is then not found
 MAX_GAIN = 2.0  # contrast ratio of two thumbnails that the pixel check evens out (a re-windowed copy: 1.1-1.5); a
 # flat thumbnail is never scaled up to match a detailed one
+MODEL_SIDE = 128  # px: the largest square a thin image is checked at as a model reads it (``_squashed``): the largest
+# and default ``ImageConfig.image_size`` of the registered models. A 2 x 2000 image is streaked there as at 64 px
+# (``input_flags``), while the shared images, whose shorter sides reach 96 px, are not
 THUMBNAIL = 32  # side of the thumbnail the near-duplicate pixel check compares
 BATCH = 32  # images per worker task
 
 
-def image_checks(array: np.ndarray) -> dict[str, Any]:
+def image_checks(array: np.ndarray, spatial_dims: int = 2) -> dict[str, Any]:
     """The content checks of one decoded image: ``flags`` (subset of ``blank``, ``streaked``),
-    ``detail`` (a short reason per flag), ``sha256`` of the pixels, ``dhash`` (16 hex digits) and ``thumbnail``
-    (``thumbnail``'s 32x32 grey levels, for the near-duplicate pixel check)."""
+    ``detail`` (a short reason per flag), ``sha256`` of the pixels as a model reads their channels (``pixel_sha256``;
+    ``spatial_dims`` 3: a volume, hashed as it is), ``dhash`` (16 hex digits) and ``thumbnail`` (``thumbnail``'s
+    32x32 grey levels, for the near-duplicate pixel check)."""
     gray = _gray(array)
     eight_bit = array.dtype == np.uint8
     detail = content_checks(gray, eight_bit=eight_bit, scale=full_scale(array))
-    return {"flags": list(detail), "detail": detail, "sha256": hashlib.sha256(canonical_bytes(array)).hexdigest(),
+    return {"flags": list(detail), "detail": detail, "sha256": pixel_sha256(array, spatial_dims),
             "dhash": difference_hash(gray), "thumbnail": thumbnail(gray, eight_bit=eight_bit)}
 
 
@@ -141,15 +152,55 @@ def content_checks(gray: np.ndarray, eight_bit: bool, scale: float | None = None
     if high - low < BLANK_LEVELS:
         on = "" if scale in (None, 255.0) else f" (of 255, on the {int(scale).bit_length()}-bit scale)"
         detail["blank"] = f"{high - low:.1f} grey levels{on} between the 0.5th and 99.5th percentiles"
-    elif units.ndim == 2 and min(units.shape) > 1:
-        along_columns = float(np.abs(np.diff(units, axis=0)).mean())  # row to row
-        along_rows = float(np.abs(np.diff(units, axis=1)).mean())  # column to column
-        weak, strong = sorted((along_columns, along_rows))
-        if weak < STREAK_RATIO * strong or (weak < STREAK_NOISE and weak < STREAK_NOISE_RATIO * strong):
-            which = "rows" if along_columns < along_rows else "columns"
+    elif units.ndim == 2:
+        streak = _repeating_axis(units) if min(units.shape) > 1 else None
+        squashed = _squashed(units) if streak is None else None
+        if streak is not None:
+            which, weak, strong = streak
             detail["streaked"] = (f"neighbouring {which} differ by {weak:.2f} grey levels on average against "
                                   f"{strong:.2f} across them: the {which} repeat")
+        elif squashed is not None and (streak := _repeating_axis(squashed)) is not None:
+            which = streak[0]
+            count = units.shape[0] if which == "rows" else units.shape[1]
+            across = units.shape[1] if which == "rows" else units.shape[0]
+            detail["streaked"] = (f"{count} {which[:-1] if count == 1 else which} of {across} pixels: squashed to a "
+                                  f"square as a model reads it ({len(squashed)} px), each repeats about "
+                                  f"{len(squashed) / count:.0f} times: the {which} repeat")
     return detail
+
+
+def _repeating_axis(units: np.ndarray) -> tuple[str, float, float] | None:
+    """``rows`` or ``columns`` with the mean absolute difference between neighbours along and across them, when
+    they repeat (``STREAK_RATIO``, ``STREAK_NOISE``) in a 2D image of at least 2 x 2 pixels; else None."""
+    along_columns = float(np.abs(np.diff(units, axis=0)).mean())  # row to row
+    along_rows = float(np.abs(np.diff(units, axis=1)).mean())  # column to column
+    weak, strong = sorted((along_columns, along_rows))
+    if weak < STREAK_RATIO * strong or (weak < STREAK_NOISE and weak < STREAK_NOISE_RATIO * strong):
+        return ("rows" if along_columns < along_rows else "columns"), weak, strong
+    return None
+
+
+def _squashed(units: np.ndarray) -> np.ndarray | None:
+    """A 2D image so thin that a model's resize to its square input repeats its rows (or columns) more than the
+    other axis's: squashed to a square as that resize does (area interpolation), at its longer side and at most
+    ``MODEL_SIDE``, where the rows of an image one pixel thin are all one; None for an image whose shorter side is
+    not below that side (the resize repeats both axes alike, or neither)."""
+    side = min(max(units.shape), MODEL_SIDE)
+    if min(units.shape) >= side:
+        return None
+    return _area_resize(_area_resize(units, side, axis=0), side, axis=1)
+
+
+def _area_resize(values: np.ndarray, size: int, axis: int) -> np.ndarray:
+    """``values`` resized to ``size`` along ``axis`` as torch's area interpolation does (``ImagePreprocessor.resize``:
+    adaptive average pooling; output ``i`` is the mean of inputs ``floor(i n / size)`` to ``ceil((i + 1) n / size)``),
+    so that the check sees the rows a model's input holds."""
+    length = values.shape[axis]
+    starts = np.arange(size) * length // size
+    ends = -(-(np.arange(1, size + 1) * length) // size)
+    totals = np.concatenate([np.zeros_like(np.take(values, [0], axis=axis)), np.cumsum(values, axis=axis)], axis=axis)
+    counts = (ends - starts).reshape([-1 if i == axis else 1 for i in range(values.ndim)])
+    return (np.take(totals, ends, axis=axis) - np.take(totals, starts, axis=axis)) / counts
 
 
 def difference_hash(gray: np.ndarray) -> str:
@@ -334,11 +385,27 @@ def _check_batch(_context: Any, images: Sequence[ImageSource]) -> list[dict[str,
     out = []
     for image in images:
         try:
-            out.append(image_checks(read_image(image) if not isinstance(image, np.ndarray) else image))
+            out.append(image_checks(*_as_read(image)))
         except DataError as err:
             out.append({"flags": ["unreadable"], "detail": {"unreadable": str(err)}, "sha256": None, "dhash": None,
                         "thumbnail": None})
     return out
+
+
+def _as_read(image: ImageSource) -> tuple[np.ndarray, int]:
+    """The array the audit checks of one image, and its spatial dims (``image_checks``): a NIfTI file one voxel thick
+    along an axis as the 2D image a 2D model reads (``one_slice_view``, as ``read_image_2d`` turns it: its plane in
+    reading orientation), so it gets the row / column check and the hashes of that picture; a volume of several
+    slices (NIfTI, a DICOM series) as it is (3); any other image as read."""
+    if isinstance(image, np.ndarray):
+        return image, 2
+    array = read_image(image)
+    if isinstance(image, LoadableImage):
+        return array, 3
+    if image_suffix(image) not in NIFTI_SUFFIXES:
+        return array, 2
+    plane = one_slice_view(array)
+    return (array, 3) if plane is None else (np.ascontiguousarray(plane), 2)
 
 
 def _file_groups(checks: list[dict[str, Any]], near_distance: int) -> list[dict[str, Any]]:

@@ -28,6 +28,7 @@ metric into NaN.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import tokenize
@@ -283,3 +284,30 @@ def _one_dicom_frame(path: Path, array: np.ndarray) -> np.ndarray:
         raise DataError(path, f"a multi-frame DICOM of {frames} frames (shape {array.shape}): a 2D model reads one "
                               "image; use a 3D model (spatial_dims=3) or a file of one frame")
     return array
+
+
+def pixel_sha256(pixels: np.ndarray, spatial_dims: int = 2) -> str:
+    """Hash of the decoded image as the model reads its channels (dtype, shape, pixels of ``model_channels``): equal
+    for the same picture saved twice under different names or compressions, or a grey picture saved as RGB; different
+    after any change of a pixel. ``spatial_dims``: the model's (3: a volume, hashed as it is)."""
+    return array_sha256(model_channels(pixels, spatial_dims))
+
+
+def array_sha256(pixels: np.ndarray) -> str:
+    """Hash of an array as it is: its dtype, shape and values."""
+    digest = hashlib.sha256(f"{pixels.dtype.str}{pixels.shape}".encode())
+    digest.update(np.ascontiguousarray(pixels).tobytes())
+    return digest.hexdigest()
+
+
+def model_channels(pixels: np.ndarray, spatial_dims: int = 2) -> np.ndarray:
+    """A 2D image as a model's channel conversion sees it (``ImagePreprocessor``: grey is repeated into RGB, alpha
+    dropped, RGB averaged into grey): a colour image (``HxWx3``, or ``HxWx4`` with alpha) whose three colour channels
+    are equal is its one grey channel (``HxW``), so that a grey X-ray re-saved as RGB, as many viewers and PACS
+    exports write it, is the picture it was; any other array (a volume, ``spatial_dims`` 3) as it is."""
+    if spatial_dims != 2 or pixels.ndim != 3 or pixels.shape[-1] not in (3, 4):
+        return pixels
+    grey = pixels[..., 0]
+    if np.array_equal(pixels[..., 1], grey) and np.array_equal(pixels[..., 2], grey):
+        return grey
+    return pixels

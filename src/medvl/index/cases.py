@@ -19,7 +19,6 @@ the case's metadata JSON only (a longer name would not fit PostgreSQL's 63-byte 
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import re
@@ -32,6 +31,9 @@ from typing import Any
 import numpy as np
 
 from ..clinical.formats import DICOM_SUFFIXES, has_dicom_preamble
+from ..data.images import array_sha256 as array_sha256  # moved to the data layer (the audit hashes so too)
+from ..data.images import model_channels as model_channels
+from ..data.images import pixel_sha256 as pixel_sha256
 from ..data.record import Dataset, Record
 from ..errors import DataError
 
@@ -110,13 +112,6 @@ def public_image_path(stored: str | None) -> str | None:
     return stored
 
 
-def pixel_sha256(pixels: np.ndarray, spatial_dims: int = 2) -> str:
-    """Hash of the decoded image as the model reads its channels (dtype, shape, pixels of ``model_channels``): equal
-    for the same picture saved twice under different names or compressions, or a grey picture saved as RGB; different
-    after any change of a pixel. ``spatial_dims``: the model's (3: a volume, hashed as it is)."""
-    return array_sha256(model_channels(pixels, spatial_dims))
-
-
 def pixel_sha256s(pixels: np.ndarray, spatial_dims: int = 2) -> tuple[str, ...]:
     """The hashes an index may hold ``pixels`` under, to look its copies up by: ``pixel_sha256`` first, then those
     that indexes built before hashes were taken of the model's channels recorded for the same picture: the array as
@@ -132,26 +127,6 @@ def pixel_sha256s(pixels: np.ndarray, spatial_dims: int = 2) -> tuple[str, ...]:
             hashes.append(array_sha256(rgb))
         hashes.append(array_sha256(np.concatenate([rgb, opaque], axis=-1)))
     return tuple(dict.fromkeys(hashes))
-
-
-def array_sha256(pixels: np.ndarray) -> str:
-    """Hash of an array as it is: its dtype, shape and values."""
-    digest = hashlib.sha256(f"{pixels.dtype.str}{pixels.shape}".encode())
-    digest.update(np.ascontiguousarray(pixels).tobytes())
-    return digest.hexdigest()
-
-
-def model_channels(pixels: np.ndarray, spatial_dims: int = 2) -> np.ndarray:
-    """A 2D image as a model's channel conversion sees it (``ImagePreprocessor``: grey is repeated into RGB, alpha
-    dropped, RGB averaged into grey): a colour image (``HxWx3``, or ``HxWx4`` with alpha) whose three colour channels
-    are equal is its one grey channel (``HxW``), so that a grey X-ray re-saved as RGB, as many viewers and PACS
-    exports write it, is the picture it was; any other array (a volume, ``spatial_dims`` 3) as it is."""
-    if spatial_dims != 2 or pixels.ndim != 3 or pixels.shape[-1] not in (3, 4):
-        return pixels
-    grey = pixels[..., 0]
-    if np.array_equal(pixels[..., 1], grey) and np.array_equal(pixels[..., 2], grey):
-        return grey
-    return pixels
 
 
 def filter_name(key: str) -> str | None:

@@ -21,9 +21,10 @@ What a report gives (``IUReport``, from ``iter_iu_reports``):
   automatically extracted terms (MTI), e.g. ``Atelectasis``;
 - ``images``: the ``<parentImage id=...>`` ids, e.g. ``CXR1_1_IM-0001-3001`` (0-5 per report; the
   images themselves are not in the shared data), with the DICOM ``View Position`` (``PA``,
-  ``AP``, ``LL``, ``LATERAL``...) when ``nlmcxr_dicom_metadata.csv.gz`` sits beside the archive.
-  Only the image id and view position columns of that table are read; its other columns
-  (names, dates) are never kept.
+  ``AP``, ``LL``, ``LATERAL``...) when ``nlmcxr_dicom_metadata.csv.gz`` sits beside the archive (report
+  ``CXR1``'s ``CXR1_1_IM-...`` ids are the table's ``CXR1_IM-...``; one image id of the shared archive,
+  ``CXR1000_IM-0003-1001``, is not in the table and has no view). Only the image id and view position
+  columns of that table are read; its other columns (names, dates) are never kept.
 
 Anonymisation placeholders: the source replaced words it took for personal data by ``XXXX``. A
 run of placeholders (``XXXX``, ``XXXX XXXX``, ``XXXX, XXXX``, ``XXXX/XXXX``) becomes one
@@ -119,6 +120,9 @@ _PLACEHOLDER_RUN = re.compile(r"X{4,}(?:[ ,/]+X{4,})*")
 _SPACES = re.compile(r"\s+")
 _SPACE_BEFORE_PUNCT = re.compile(r" +([.,;:])")
 _REPEATED_PUNCT = re.compile(r"([.,;:])(?: *[.,;:])+")
+# Open-i names report CXR1's images CXR1_1_IM-0001-3001, where its metadata table (as every other report's images)
+# writes CXR1_IM-0001-3001: an id of that form not in the table is looked up without the inner number
+_NUMBERED_IMAGE_ID = re.compile(r"(CXR\d+)_\d+_(IM-.+)")
 _ORPHAN_HYPHEN = re.compile(r"(?<!\S)-(?=\w)")  # "-year-old" once the placeholder before it is dropped
 
 
@@ -339,6 +343,15 @@ def report_labels(mesh_major: Sequence[str]) -> dict[str, str]:
     return labels
 
 
+def _view(view_of: dict[str, str], image_id: str) -> str | None:
+    """The view position of an image id in the metadata table (``read_views``); an id the table writes without
+    Open-i's inner image number (``CXR1_1_IM-0001-3001`` as ``CXR1_IM-0001-3001``) found so too."""
+    view = view_of.get(image_id)
+    if view is None and (numbered := _NUMBERED_IMAGE_ID.fullmatch(image_id)):
+        view = view_of.get(f"{numbered[1]}_{numbered[2]}")
+    return view
+
+
 def _record(report: IUReport, text: str) -> Record:
     meta: dict[str, Any] = {name.lower(): value for name, value in report.sections.items()}
     meta.update({
@@ -382,7 +395,7 @@ def load_iu_xray(path: str | Path, sections: Sequence[str] = DEFAULT_TEXT_SECTIO
             raise DataError(archive, f"duplicate report id {report.uid!r} (member {report.member})")
         seen.add(report.uid)
         for image in report.images:
-            image.view = view_of.get(image.id)
+            image.view = _view(view_of, image.id)
         text = report.text(chosen)
         if text is None:
             empty += 1

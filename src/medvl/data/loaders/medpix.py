@@ -1,7 +1,7 @@
 """MedPix 2.0 loader: CT and MR images with a caption each and a case report per case.
 
 Folder layout (github.com/CHILab1/MedPix-2.0): ``descriptions_{split}.jsonl`` (one object per
-image), ``images/<image>.jpg`` (``.png`` / ``.jpeg`` accepted) and, optionally,
+image), ``images/<image>.jpg`` (``.png`` / ``.jpeg`` accepted; suffixes in any case, ``.JPG`` too) and, optionally,
 ``data_{split}.jsonl`` (one object per case, keyed by ``U_id``). Splits are the descriptions files
 present (the shared copy has ``train`` and ``dev``).
 
@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import DataError
+from ..images import image_suffix
 from ..record import Dataset, Record
 from .manifest import check_reserved_split_name, read_jsonl
 from .roots import check_inside_root
@@ -74,14 +75,25 @@ def _splits(folder: Path) -> list[str]:
 
 
 def _image_files(folder: Path) -> dict[str, Path]:
-    """Image stem -> file in ``images/``, listed once (preferring .jpg over .png over .jpeg)."""
+    """Image stem -> file in ``images/``, listed once (preferring .jpg over .png over .jpeg, and a suffix in lower
+    case over the same one in another case). Suffixes are matched in any case (``image_suffix``): a folder copied
+    from Windows or a camera export holds ``.JPG`` files."""
     images = folder / "images"
     if not images.is_dir():
         raise DataError(images, "image folder not found")
     files: dict[str, Path] = {}
-    for suffix in reversed(IMAGE_SUFFIXES):
-        files.update({path.stem: path for path in images.glob(f"*{suffix}")})
+    for path in sorted(images.iterdir(), key=_preference):
+        if image_suffix(path) in IMAGE_SUFFIXES:
+            files.setdefault(path.stem, path)
     return files
+
+
+def _preference(path: Path) -> tuple[int, bool, str]:
+    """Which of the files of one stem ``_image_files`` keeps: the first by suffix (``IMAGE_SUFFIXES``), then
+    written in lower case."""
+    suffix = image_suffix(path)
+    rank = IMAGE_SUFFIXES.index(suffix) if suffix in IMAGE_SUFFIXES else len(IMAGE_SUFFIXES)
+    return rank, path.suffix != suffix, path.name
 
 
 def _section(row: dict[str, Any], key: str) -> dict[str, Any]:

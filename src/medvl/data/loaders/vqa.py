@@ -62,7 +62,6 @@ Records (``load_vqa_dataset``): one per question; ``id`` = ``qid``; ``images`` =
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -74,8 +73,8 @@ from typing import Any
 from PIL import Image
 
 from ...errors import DataError
-from ..images import image_suffix, read_image
-from ..record import Dataset, Record, canonical_bytes, records_digest
+from ..images import image_suffix, pixel_sha256, read_image
+from ..record import Dataset, Record, records_digest
 from .manifest import check_reserved_split_name, decode_utf8, parse_json, repeated_key
 from .roots import check_inside_root, is_file, is_inside
 
@@ -434,7 +433,8 @@ def leave_out_images(dataset: Dataset, question_files: Sequence[str | Path]) -> 
     images). An image is asked about when its MedPix ``synpic`` id is a question's, or, for a name without
     one, when its path ends with the question's image name (``source_image_id``: a SLAKE question about
     ``xmlab3/source.jpg`` leaves out ``.../xmlab3/source.jpg``, not every ``source.jpg``), or when its decoded
-    pixels are those of a question's image file found in the question file's folder (a copy under another name:
+    pixels (as a model reads their channels, ``pixel_sha256``: an RGB export of a grey film is its copy) are those of
+    a question's image file found in the question file's folder (a copy under another name:
     ``medvl phantom --vqa`` writes its films so; only training images of the same size are decoded). A question
     file none of whose images is found in ``dataset`` is warned about (the wrong file, or other images)."""
     files = [Path(path) for path in question_files]
@@ -490,9 +490,10 @@ def _image_size(path: Path) -> tuple[int, ...] | None:
 
 
 def _pixel_digest(path: Path) -> str | None:
-    """SHA-256 of an image file's decoded pixels (``canonical_bytes``: values, dtype, shape), None if it cannot be
-    read (training reads it again and names it)."""
+    """SHA-256 of an image file's decoded pixels as a model reads their channels (``pixel_sha256``: a grey picture
+    saved as RGB of three equal channels is the grey picture), None if it cannot be read (training reads it again and
+    names it)."""
     try:
-        return hashlib.sha256(canonical_bytes(read_image(path))).hexdigest()
+        return pixel_sha256(read_image(path))
     except DataError:
         return None
