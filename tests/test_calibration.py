@@ -334,3 +334,21 @@ def test_calibration_images_that_copy_scored_images_are_reported(phantom_model, 
                                                       "fit": f"the calibration split {fit_split!r}"}
     plain = evaluate_zero_shot(phantom_model, phantom_dir, "test", calibration_split=fit_split, show_progress=False)
     assert "copies_in_fit" not in plain["calibration"]
+
+
+def test_the_risk_coverage_area_is_reported_before_and_after_scaling():
+    """With three classes a temperature can reorder records by confidence: the area after scaling (what the abstention
+    threshold applies to) is not the model's own; both are reported, ``aurc_before`` from the unscaled scores."""
+    from medvl.eval.calibration import calibration_report, softmax
+
+    # record 0 right with a close runner-up, record 1 wrong and more confident unscaled: the temperature (100, at its
+    # bound) flattens record 1's lead more, so the right record comes first after scaling
+    logits = np.array([[3.0, 2.7, -4.0], [1.5, 0.2, 0.0]])
+    targets = np.array([0, 1])
+    fit_logits = np.array([[1.0, 0.9, 0.8], [0.2, 1.0, 0.1], [0.1, 0.3, 1.0]])
+    fit_targets = np.array([1, 0, 0])
+    block = calibration_report(fit_logits, fit_targets, logits, targets)
+    before = risk_coverage(softmax(logits), targets)["aurc"]
+    after = risk_coverage(softmax(logits / block["temperature"]), targets)["aurc"]
+    assert block["risk_coverage"]["aurc_before"] == pytest.approx(before) == pytest.approx(0.75)
+    assert block["risk_coverage"]["aurc"] == pytest.approx(after) == pytest.approx(0.25)

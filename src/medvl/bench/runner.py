@@ -1080,7 +1080,8 @@ def _check_calibration(ctx: _Context, scored: _Scored) -> None:
         return
     for key in ("ece_before", "ece_after", "brier_before", "brier_after", "nll_before", "nll_after", "temperature"):
         ctx.row(f"calibration: {key}", block[key])
-    ctx.row("calibration: aurc", block["risk_coverage"]["aurc"])
+    ctx.row("calibration: aurc", block["risk_coverage"]["aurc"])  # after scaling, as the abstention threshold
+    ctx.row("calibration: aurc_before", block["risk_coverage"]["aurc_before"])  # the model's own ranking
     # the bins are the scored split's, before and after a temperature fitted on the calibration split
     ctx.plots["calibration"] = {"reliability": block["reliability"], "fitted_on": spec.calibration_split,
                                 "split": spec.split}

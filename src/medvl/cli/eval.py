@@ -65,7 +65,8 @@ def _print_calibration(block: dict, scored: str) -> None:
         "temperature": block["temperature"], "ECE before": block["ece_before"], "ECE after": block["ece_after"],
         "Brier before": block["brier_before"], "Brier after": block["brier_after"],
         "NLL before": block["nll_before"], "NLL after": block["nll_after"],
-        "risk-coverage AURC": block["risk_coverage"]["aurc"],
+        "risk-coverage AURC before": block["risk_coverage"]["aurc_before"],
+        "risk-coverage AURC after": block["risk_coverage"]["aurc"],
         f"abstain below (risk <= 0.1 on {fitted})": abstain["threshold"],
         f"coverage kept on {scored}": abstain["coverage"], f"risk of those kept on {scored}": abstain["risk"]})
     if abstain["reason"]:

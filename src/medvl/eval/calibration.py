@@ -199,7 +199,11 @@ def calibration_report(fit_logits: np.ndarray, fit_targets: np.ndarray, logits: 
     scored labels.
     ``temperature_at_bound`` is ``"upper"`` / ``"lower"`` when the fitted temperature is the end of its search
     range (``temperature_at_bound``; warned about: the figures after scaling then mean little), else None.
-    Temperature scaling leaves the argmax, hence accuracy and the risk-coverage ranking, unchanged."""
+    Temperature scaling leaves the argmax, hence accuracy, unchanged; with two classes it leaves the order of the
+    records by confidence unchanged too, with three or more it may reorder them (the top probability of two records
+    can swap as the temperature changes), so the risk-coverage curve and its area depend on the temperature fitted:
+    ``risk_coverage["aurc"]`` is the area after scaling (the probabilities the abstention threshold applies to),
+    ``risk_coverage["aurc_before"]`` that of the unscaled scores, the model's own ranking."""
     temperature = fit_temperature(fit_logits, fit_targets)
     at_bound = temperature_at_bound(temperature)
     if at_bound is not None:
@@ -222,7 +226,7 @@ def calibration_report(fit_logits: np.ndarray, fit_targets: np.ndarray, logits: 
         "reliability": {"before": reliability_bins(before, targets, bins),
                         "after": reliability_bins(after, targets, bins)},
         "risk_coverage": {key: [curve[key][i] for i in picks] for key in ("threshold", "coverage", "risk")}
-        | {"aurc": curve["aurc"]},
+        | {"aurc": curve["aurc"], "aurc_before": risk_coverage(before, targets)["aurc"]},
         f"abstention_threshold_at_risk_{target_risk:g}": held_out_abstention(
             softmax(np.asarray(fit_logits, dtype=float) / temperature), fit_targets, after, targets, target_risk),
     }
