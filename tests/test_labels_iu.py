@@ -146,6 +146,32 @@ def test_an_opacity_hedged_as_an_infiltrate_is_stated(shared_data, labeller, sen
         {"CXR1200": "positive", "CXR2886": "positive"}
 
 
+@pytest.mark.parametrize("sentence, expected", [
+    ("Mildly blunted right costophrenic angle without definite pleural effusion.", "negative"),
+    ("Blunting of the right costophrenic angle, no pleural effusion.", "negative"),
+    ("Blunting of the costophrenic angle suggestive of small pleural effusions.", "uncertain"),
+    ("Blunted costophrenic angles, possibly small effusions.", "uncertain"),
+    ("Blunting of the costophrenic angle likely represents scarring rather than effusion.", "uncertain"),
+    ("Blunting of the costophrenic angle, which may represent a small effusion.", "uncertain"),
+    # the sign alone, or beside the finding stated, is the finding
+    ("Blunting of the costophrenic angle with a small effusion.", "positive"),
+    ("Chronic blunting of both lateral costophrenic [redacted].", "positive"),
+])
+def test_a_sign_does_not_outweigh_what_its_sentence_says_of_the_finding(labeller, sentence, expected):
+    """A costophrenic blunting (a ``signs`` synonym of the effusion) made the effusion positive even where the same
+    sentence negated or hedged the effusion by name (positive outranks the other statuses)."""
+    assert dict(labeller.sentence_labels(sentence))["pleural_effusion"] == expected
+
+
+def test_iu_reports_negating_or_hedging_the_effusion_beside_a_blunting_are_not_positive(shared_data, labeller):
+    """CXR2946 ("Mildly blunted right costophrenic [redacted] without definite pleural effusion.") was effusion
+    positive, so a generated "no pleural effusion" scored a false negative; CXR2548 ("Blunting of the costophrenic
+    [redacted] suggestive of small pleural effusions.") too. Six IU reports' labels move (docs/benchmarks.md)."""
+    reports = {r.id: r.text for r in load_dataset(shared_data / "iu-xray-reports") if r.id in ("CXR2946", "CXR2548")}
+    assert {i: labeller.label(text)["pleural_effusion"] for i, text in reports.items()} == \
+        {"CXR2946": "negative", "CXR2548": "uncertain"}
+
+
 def _benchmark():
     spec = importlib.util.spec_from_file_location("labeller_iu", BENCHMARK)
     module = importlib.util.module_from_spec(spec)

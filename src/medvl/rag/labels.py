@@ -50,10 +50,15 @@ NegEx / CheXpert-labeller style, with the finding vocabulary of a knowledge base
      a possibility", "is less likely", a "less likely" right after it ending the clause; "may", "is likely" only
      where they end the clause, say it is there or are qualified themselves: "pneumonia is likely.", "atelectasis
      may also be present", not "the pneumothorax may be due to the biopsy", "is likely iatrogenic", "the opacity
-     may represent atelectasis"), or lies inside the mention ("borderline heart size"), or the mention is one of
-     the finding's ``signs`` and a hedge after it goes on to name the same finding ("blunting of the costophrenic
-     angle, which may represent a small effusion"; not "opacity may represent infiltrate": the opacity is stated);
+     may represent atelectasis"), or lies inside the mention ("borderline heart size");
    - **positive** otherwise.
+
+   A finding's ``signs`` (knowledge base: "blunting of the costophrenic angle" for a pleural effusion) stand for
+   the finding where the sentence does not name it; where it does, what it says of the finding by name caps the
+   sign: "blunted costophrenic angle without definite pleural effusion" is negative, "blunting of the costophrenic
+   angle, which may represent / suggestive of / possibly a small effusion" uncertain, "blunting of the
+   costophrenic angle with a small effusion" positive. Only signs: in "opacity may represent infiltrate" (both
+   ``lung_opacity`` synonyms) the opacity is stated.
 
    Lists: a cue before a list of short items covers the whole list, however many items it has, up to
    ``MAX_REACH`` words from the cue ("no focal consolidation, suspicious pulmonary opacity, pneumothorax or
@@ -78,7 +83,7 @@ from __future__ import annotations
 import re
 from bisect import bisect_left
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from .knowledge import KnowledgeBase, load_knowledge
@@ -231,6 +236,7 @@ class Mention:
     status: str  # positive | uncertain | negative
     start: int  # character offsets in the sentence (lower-cased text has the same offsets)
     end: int
+    sign: bool = False  # one of the finding's ``signs`` (knowledge base): an indirect sign, not its name
 
 
 @dataclass
@@ -385,13 +391,8 @@ class ReportLabeller:
         for name, match, sign in matches:
             gaps = [match.group(i) or "" for i in range(1, (match.re.groups or 0) + 1)]
             status = cues.status(match.start(), match.end(), gaps)
-            # a sign of the finding (blunting), hedged as the finding further on: possible; the finding's own name
-            # ("opacity may represent infiltrate") is stated, only its nature hedged
-            if status == POSITIVE and sign and cues.renamed(match.end(), [m.start() for n, m, _ in matches
-                                                                          if n == name]):
-                status = UNCERTAIN
-            found.append(Mention(name, status, match.start(), match.end()))
-        return _outermost(found)
+            found.append(Mention(name, status, match.start(), match.end(), sign))
+        return _named_over_signs(_outermost(found))
 
     def _sentence_labels(self, sentence: str) -> tuple[tuple[str, str], ...]:
         return tuple(merge({m.finding: m.status} for m in self.mentions(sentence)).items())
@@ -416,7 +417,6 @@ class _Cues:
         self.near_post_negation = _spans(_NEAR_NEG, text, blocked)
         self.pre_uncertain = _spans(_PRE_UNC, text, blocked)
         self.post_uncertain = _spans(_POST_UNC, text, blocked) + _spans(_FINAL_HEDGE, text, blocked)
-        self.post_hedges = _spans(_POST_HEDGE, text, blocked)
         self.final_uncertain = _spans(_FINAL_UNC, text, blocked)
         self.terminators = [m.start() for m in _TERM.finditer(text)] + [i for i, c in enumerate(text) if c == ";"]
         self.clause_marks = [m.span() for m in _CLAUSE_MARK.finditer(text)]
@@ -445,12 +445,6 @@ class _Cues:
                 or self._inside(self.pre_uncertain + self.post_uncertain, start, end):
             return UNCERTAIN
         return POSITIVE
-
-    def renamed(self, end: int, starts: list[int]) -> bool:
-        """A hedge after the mention goes on to name the same finding ("blunting of the costophrenic angle, which
-        may represent a small effusion": the effusion is possible, not stated); asked only of a ``signs`` mention."""
-        return any(self._after([(s, e)], end) and self._before([(s, e)], other) for s, e in self.post_hedges
-                   for other in starts if other >= e)
 
     def _not_past_an_item(self, spans: list[tuple[int, int]], end: int) -> list[tuple[int, int]]:
         """The hedges after a mention ending at ``end`` that no other list item stands between: in "opacity,
@@ -557,6 +551,16 @@ def _outermost(mentions: list[Mention]) -> list[Mention]:
         if not inside:
             kept.append(m)
     return sorted(kept, key=lambda m: (m.start, m.finding))
+
+
+def _named_over_signs(mentions: list[Mention]) -> list[Mention]:
+    """A sign's status capped by what its sentence says of the finding by name: in "blunted costophrenic angle
+    without definite pleural effusion" the effusion is negative, in "blunting of the costophrenic angle suggestive
+    of a small effusion" possible, and the blunting does not make it positive. A sentence that does not name the
+    finding, or names it as present too, keeps the sign's own status."""
+    named = merge({m.finding: m.status} for m in mentions if not m.sign)
+    return [replace(m, status=named[m.finding]) if m.sign and m.finding in named
+            and _RANK[named[m.finding]] < _RANK[m.status] else m for m in mentions]
 
 
 def merge(labels: Iterable[dict[str, str]]) -> dict[str, str]:
