@@ -320,6 +320,22 @@ def test_a_clip_tokenizer_with_another_end_token_is_a_clear_error(tmp_path):
         load_model(folder)
 
 
+def test_a_tokenizer_saved_padding_on_the_left_embeds_as_on_the_right_whatever_the_batch(hf_dir, tmp_path):
+    """A folder whose tokenizer_config.json says padding_side "left" gave CLIP a text's vector that depended on the
+    longer texts beside it (cosine 0.23 to the same text alone) and SigLIP a vector pooled at the end token rather
+    than the padding it was trained with; both now pad (and truncate) on the right."""
+    left = tmp_path / "left"
+    shutil.copytree(hf_dir, left)
+    config = json.loads((left / "tokenizer_config.json").read_text())
+    (left / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": "left",
+                                                            "truncation_side": "left"}))
+    short, long = TEXTS[1], "small left pleural effusion and a nodule in the right upper zone."
+    model, right = load_model(left), load_model(hf_dir)
+    alone, beside = model.encode_texts([short])[0], model.encode_texts([short, long])[0]
+    assert torch.allclose(alone, beside, atol=1e-5)
+    assert torch.allclose(model.encode_texts([short, long]), right.encode_texts([short, long]), atol=1e-5)
+
+
 def test_an_unsupported_model_type_is_a_clear_error(phantom, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
     with pytest.raises(ModelError, match=r"model_type 'llava' is not supported"):

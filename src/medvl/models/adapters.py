@@ -19,7 +19,9 @@ mean/std, so the pixels equal the transformers processor's for the same 8-bit RG
 
 Texts: CLIP pads to the longest text with an attention mask and truncates at
 ``text_config.max_position_embeddings``; SigLIP pads every text to that length and passes no
-attention mask, as the model was trained (its text embedding is the last position's).
+attention mask, as the model was trained (its text embedding is the last position's). Both pad and
+truncate on the right, whatever ``padding_side`` / ``truncation_side`` the folder's tokenizer saved:
+left padding would move CLIP's positions and pooled token with the batch's longest text.
 
 Zero-shot: CLIP's ``logit_scale`` is its learned log temperature; SigLIP's ``logit_scale`` and
 ``logit_bias`` give sigmoid scores ``sigmoid(exp(scale) * cos + bias)``. medvl's zero-shot takes a
@@ -375,12 +377,25 @@ def _load_tokenizer(directory: Path, text_config: Any) -> Any:
                          f"{str(err)[:200]})") from None
     if tokenizer.pad_token is None:
         raise ModelError(f"{directory}: the tokenizer has no padding token")
+    _right_sided(tokenizer)
     eos = getattr(text_config, "eos_token_id", None)
     # CLIP pools the first end-of-text token, unless eos_token_id is 2 (older configs: the largest id)
     if text_config.model_type == "clip_text_model" and eos not in (None, 2) and tokenizer.eos_token_id != eos:
         raise ModelError(f"{directory}: the tokenizer's end-of-text id {tokenizer.eos_token_id} differs from "
                          f"text_config.eos_token_id {eos}")
     return tokenizer
+
+
+def _right_sided(tokenizer: Any) -> None:
+    """Pad and truncate on the right, whatever side the folder saved: CLIP counts positions from 0 and pools the
+    first end-of-text token (in real folders the padding token too), SigLIP pools the last position; both were
+    trained with the text first and the padding after it. A folder saved with ``padding_side: left`` made a CLIP
+    text's vector depend on the other texts of its batch (zero-shot prompts, the service's micro-batches)."""
+    for side in ("padding_side", "truncation_side"):
+        if getattr(tokenizer, side, "right") != "right":
+            log.info("the tokenizer's %s %r is not what the text tower was trained with: using 'right'", side,
+                     getattr(tokenizer, side))
+            setattr(tokenizer, side, "right")
 
 
 def _load_image_processor(directory: Path) -> Any:

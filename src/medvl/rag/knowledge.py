@@ -10,9 +10,9 @@ Each file (``*.md``) starts with YAML front matter and may go on with free notes
       - pleural effusion              #   to 5 words, e.g. "cardiac silhouette ... enlarged"
       - blunting of the ... costophrenic angle
     exclude: [pericardial effusion]   # phrases whose words are not a mention of this finding
-    signs:                            # synonyms that are an indirect sign of it: a hedge after one that goes
-      - blunting of the ... costophrenic angle  # on to name the finding leaves it possible ("..., which may
-                                      #   represent a small effusion"); a hedge after another synonym does not
+    signs:                            # synonyms that are an indirect sign of it: where the sentence names the
+      - blunting of the ... costophrenic angle  # finding too, what it says of it caps the sign ("..., which may
+                                      #   represent a small effusion": possible; "... without effusion": absent)
     labels: [effusion_left, effusion_right]   # label columns / values that mean this finding
     normal_compatible: false          # true: a positive does not make the study abnormal (devices)
     definition: Fluid in the pleural space.
@@ -65,8 +65,8 @@ class Finding:
     definition: str = ""
     appearance: str = ""  # typical radiographic appearance
     exclude: list[str] = field(default_factory=list)  # phrases that are not a mention (pericardial effusion)
-    # synonyms that are an indirect sign of the finding ("blunting of the ... costophrenic angle"): a hedge after one
-    # that goes on to name the finding leaves it possible; "opacity may represent infiltrate" states an opacity
+    # synonyms that are an indirect sign of the finding ("blunting of the ... costophrenic angle"): where the sentence
+    # names the finding too, what it says of it caps the sign; "opacity may represent infiltrate" states an opacity
     signs: list[str] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)  # label columns / values meaning this finding
     kind: str = FINDING  # "finding", or "normal" for the no-finding entry

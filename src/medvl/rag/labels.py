@@ -23,14 +23,16 @@ NegEx / CheXpert-labeller style, with the finding vocabulary of a knowledge base
    a scope terminator such as "but", "however", "although", ";", nor a colon or dash between two
    statements: "no effusion - large pneumothorax", "negative for effusion: pneumothorax is large"):
    - **uncertain** if a negated-uncertainty phrase is near ("cannot be excluded", "not ruled out", "not
-     excluding", "does / could not exclude", "does not rule out", "has not been excluded"), unless a negation cue
+     excluding", "does / could not exclude", "does not rule out", "has not been excluded", "difficult to (entirely)
+     exclude", "difficult to rule out"; before or after the mention), unless a negation cue
      takes the mention over: one between the phrase and the mention ("cannot exclude pneumonia, no effusion"), or
      one right before the mention when the phrase after it is past another item ("no effusion, pneumonia cannot
      be excluded");
    - **negative** if a negation cue comes up to ``PRE_WINDOW`` words before it ("no", "without",
-     "negative for", "free of", "no evidence of", "resolved", "unlikely to represent", "doubtful for"; the
+     "negative for", "free of", "no evidence of", "lack of", "resolved", "unlikely to represent", "doubtful for"; the
      bare "unlikely", "doubtful", "improbable" only just before it: "atelectasis, unlikely pneumonia"), or up
-     to ``POST_WINDOW`` words after it ("is not seen", "absent", "has resolved", "excluded", "ruled out"), or a
+     to ``POST_WINDOW`` words after it ("is not seen", "not clearly seen", "absent", "has resolved", "excluded",
+     "ruled out"), or a
      hedge follows right after it ("unlikely", "doubtful", "not favored", "not likely", ``NEAR_WINDOW`` words at
      most) ending the clause or qualified itself ("pneumonia is unlikely.", "pneumonia or edema is unlikely.",
      "... unlikely in this patient", "... unlikely to be present"), but not the opacity of "the opacity is
@@ -46,14 +48,19 @@ NegEx / CheXpert-labeller style, with the finding vocabulary of a knowledge base
      cues;
    - **uncertain** if a question mark follows it ("Pneumothorax?");
    - **uncertain** if an uncertainty cue comes before ("possible", "may represent", "suspicious
-     for", "likely", "versus", "question", "correlate clinically for") or after ("is suspected", "is
+     for", "likely", "suggest(s)", "versus", "question", "correlate clinically for") or after ("is suspected", "is
      a possibility", "is less likely", a "less likely" right after it ending the clause; "may", "is likely" only
      where they end the clause, say it is there or are qualified themselves: "pneumonia is likely.", "atelectasis
      may also be present", not "the pneumothorax may be due to the biopsy", "is likely iatrogenic", "the opacity
-     may represent atelectasis"), or lies inside the mention ("borderline heart size"), or the mention is one of
-     the finding's ``signs`` and a hedge after it goes on to name the same finding ("blunting of the costophrenic
-     angle, which may represent a small effusion"; not "opacity may represent infiltrate": the opacity is stated);
+     may represent atelectasis"), or lies inside the mention ("borderline heart size");
    - **positive** otherwise.
+
+   A finding's ``signs`` (knowledge base: "blunting of the costophrenic angle" for a pleural effusion) stand for
+   the finding where the sentence does not name it; where it does, what it says of the finding by name caps the
+   sign: "blunted costophrenic angle without definite pleural effusion" is negative, "blunting of the costophrenic
+   angle, which may represent / suggestive of / possibly a small effusion" uncertain, "blunting of the
+   costophrenic angle with a small effusion" positive. Only signs: in "opacity may represent infiltrate" (both
+   ``lung_opacity`` synonyms) the opacity is stated.
 
    Lists: a cue before a list of short items covers the whole list, however many items it has, up to
    ``MAX_REACH`` words from the cue ("no focal consolidation, suspicious pulmonary opacity, pneumothorax or
@@ -78,7 +85,7 @@ from __future__ import annotations
 import re
 from bisect import bisect_left
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from .knowledge import KnowledgeBase, load_knowledge
@@ -102,14 +109,14 @@ PRE_NEGATION = [
     "no", "not", "without", "negative for", "free of", "clear of", "no evidence of", "no radiographic evidence of",
     "no signs of", "no sign of", "no findings of", "absence of", "resolution of", "rules out", "ruled out",
     "never", "nor", "resolved", "clearing of", "unlikely to be", "unlikely to represent", "unlikely to reflect",
-    "unlikely to indicate", "doubtful for",
+    "unlikely to indicate", "doubtful for", "lack of",
 ]
 # hedges that negate the finding right after them ("atelectasis, unlikely pneumonia"), not one further on: in
 # "unlikely with enhancing soft tissue mass" the mass is there
 NEAR_PRE_NEGATION = ["unlikely", "doubtful", "improbable"]
 POST_NEGATION = [
     "is not seen", "are not seen", "not seen", "is not identified", "not identified", "not present",
-    "not appreciated", "not visualized", "not demonstrated", "is absent", "are absent", "absent",
+    "not appreciated", "not visualized", "not demonstrated", "is absent", "are absent", "absent", "not clearly seen",
     "has resolved", "have resolved", "resolved", "is ruled out", "no longer", "not evident",
     "has cleared", "have cleared", "cleared", "ruled out", "was ruled out", "were ruled out", "are ruled out",
     "has been ruled out", "have been ruled out", "excluded", "is excluded", "are excluded", "was excluded",
@@ -132,7 +139,7 @@ PRE_UNCERTAIN = [
     "possible", "possibly", "probable", "probably", "likely", "may represent", "may be", "might be",
     "could be", "could represent", "may reflect", "may indicate", "questionable", "question of",
     "suspicious for", "suspected", "suspect", "concerning for", "concern for", "suggestive of",
-    "suggests", "suggesting", "worrisome for", "differential diagnosis includes", "differential includes",
+    "suggest", "suggests", "suggesting", "worrisome for", "differential diagnosis includes", "differential includes",
     "borderline", "equivocal", "rule out", "r/o", "versus", "vs", "indeterminate", "presumed", "cannot tell",
     "may", "question", "questioned", "suggestion of", "differential", "considerations include", "could include",
     "evaluation for", "evaluate for", "for evaluation of", "to evaluate", "assess for", "to assess",
@@ -166,6 +173,9 @@ NEGATED_UNCERTAIN = [  # double negations meaning "possible": checked before neg
     # "does / could / would not exclude", "does not rule out", "has not been excluded", "can't be ruled out"
     "not exclude", "not rule out", "not been excluded", "not been ruled out", "can't be ruled out", "can't rule out",
     "doesn't exclude", "doesn't rule out", "cannot be completely excluded", "cannot be entirely ruled out",
+    # "edema (is) difficult to (entirely) exclude", "difficult to rule out a pneumothorax"
+    "difficult to exclude", "difficult to entirely exclude", "difficult to completely exclude",
+    "difficult to rule out", "difficult to entirely rule out", "difficult to completely rule out",
 ]
 PSEUDO_NEGATION = [  # look like negations, are not ("no change in X" and its variants: _CHANGE_PSEUDO below)
     "not changed", "no increase", "no decrease", "not only", "not significantly changed", "gram negative",
@@ -231,6 +241,7 @@ class Mention:
     status: str  # positive | uncertain | negative
     start: int  # character offsets in the sentence (lower-cased text has the same offsets)
     end: int
+    sign: bool = False  # one of the finding's ``signs`` (knowledge base): an indirect sign, not its name
 
 
 @dataclass
@@ -286,12 +297,13 @@ _POST_HEDGE = _cue_regex(FINAL_POST_HEDGE)
 _FINAL_HEDGE = re.compile(_POST_HEDGE.pattern + _POST_HEDGE_FINAL)
 _PRE_UNC, _POST_UNC = _cue_regex(PRE_UNCERTAIN), _cue_regex(POST_UNCERTAIN)
 _NEG_UNC, _PSEUDO, _TERM = _cue_regex(NEGATED_UNCERTAIN), _cue_regex(PSEUDO_NEGATION), _cue_regex(TERMINATORS[:-1])
-# "no change / worsening / improvement / progression in X", up to two CHANGE_MODIFIERS between ("no appreciable
-# change", "without significant interval change"): X is there, unchanged. The plural "changes" only before "in" or
-# after "interval" ("no changes in the effusion", "no interval changes"): "no changes of emphysema" negates
+# "no change / worsening / improvement / progression in X" (or "without", "lack of"), up to two CHANGE_MODIFIERS
+# between ("no appreciable change", "without significant interval change"): X is there, unchanged. The plural
+# "changes" only before "in" or after "interval" ("no changes in the effusion", "no interval changes"): "no changes of
+# emphysema" negates
 _CHANGE_MODIFIER = r"(?:(?:" + "|".join(CHANGE_MODIFIERS) + r")\s+)"
 _CHANGE_PSEUDO = re.compile(
-    r"(?<![a-z0-9])(?:no|without)\s+(?:" + _CHANGE_MODIFIER + r"{0,2}(?:change|changes(?=\s+in\b)|worsening|"
+    r"(?<![a-z0-9])(?:no|without|lack\s+of)\s+(?:" + _CHANGE_MODIFIER + r"{0,2}(?:change|changes(?=\s+in\b)|worsening|"
     r"improvement|progression)|" + _CHANGE_MODIFIER + r"?interval\s+" + _CHANGE_MODIFIER + r"?changes)(?![a-z0-9])")
 # what joins the items of a negated list: commas, "or", "nor", "and", "and/or", "/", and the links of
 # "no opacity to suggest pneumonia"
@@ -385,13 +397,8 @@ class ReportLabeller:
         for name, match, sign in matches:
             gaps = [match.group(i) or "" for i in range(1, (match.re.groups or 0) + 1)]
             status = cues.status(match.start(), match.end(), gaps)
-            # a sign of the finding (blunting), hedged as the finding further on: possible; the finding's own name
-            # ("opacity may represent infiltrate") is stated, only its nature hedged
-            if status == POSITIVE and sign and cues.renamed(match.end(), [m.start() for n, m, _ in matches
-                                                                          if n == name]):
-                status = UNCERTAIN
-            found.append(Mention(name, status, match.start(), match.end()))
-        return _outermost(found)
+            found.append(Mention(name, status, match.start(), match.end(), sign))
+        return _named_over_signs(_outermost(found))
 
     def _sentence_labels(self, sentence: str) -> tuple[tuple[str, str], ...]:
         return tuple(merge({m.finding: m.status} for m in self.mentions(sentence)).items())
@@ -416,7 +423,6 @@ class _Cues:
         self.near_post_negation = _spans(_NEAR_NEG, text, blocked)
         self.pre_uncertain = _spans(_PRE_UNC, text, blocked)
         self.post_uncertain = _spans(_POST_UNC, text, blocked) + _spans(_FINAL_HEDGE, text, blocked)
-        self.post_hedges = _spans(_POST_HEDGE, text, blocked)
         self.final_uncertain = _spans(_FINAL_UNC, text, blocked)
         self.terminators = [m.start() for m in _TERM.finditer(text)] + [i for i, c in enumerate(text) if c == ";"]
         self.clause_marks = [m.span() for m in _CLAUSE_MARK.finditer(text)]
@@ -445,12 +451,6 @@ class _Cues:
                 or self._inside(self.pre_uncertain + self.post_uncertain, start, end):
             return UNCERTAIN
         return POSITIVE
-
-    def renamed(self, end: int, starts: list[int]) -> bool:
-        """A hedge after the mention goes on to name the same finding ("blunting of the costophrenic angle, which
-        may represent a small effusion": the effusion is possible, not stated); asked only of a ``signs`` mention."""
-        return any(self._after([(s, e)], end) and self._before([(s, e)], other) for s, e in self.post_hedges
-                   for other in starts if other >= e)
 
     def _not_past_an_item(self, spans: list[tuple[int, int]], end: int) -> list[tuple[int, int]]:
         """The hedges after a mention ending at ``end`` that no other list item stands between: in "opacity,
@@ -557,6 +557,16 @@ def _outermost(mentions: list[Mention]) -> list[Mention]:
         if not inside:
             kept.append(m)
     return sorted(kept, key=lambda m: (m.start, m.finding))
+
+
+def _named_over_signs(mentions: list[Mention]) -> list[Mention]:
+    """A sign's status capped by what its sentence says of the finding by name: in "blunted costophrenic angle
+    without definite pleural effusion" the effusion is negative, in "blunting of the costophrenic angle suggestive
+    of a small effusion" possible, and the blunting does not make it positive. A sentence that does not name the
+    finding, or names it as present too, keeps the sign's own status."""
+    named = merge({m.finding: m.status} for m in mentions if not m.sign)
+    return [replace(m, status=named[m.finding]) if m.sign and m.finding in named
+            and _RANK[named[m.finding]] < _RANK[m.status] else m for m in mentions]
 
 
 def merge(labels: Iterable[dict[str, str]]) -> dict[str, str]:
