@@ -1414,6 +1414,9 @@ def test_a_phantom_label_the_twins_do_not_carry_gets_other_pairs_and_says_so(two
         "the phantom twins vary the finding and carry no 'view' label")
     assert skipped["shortcut: phantom twins"].endswith("the pair criterion is left out; the masked-region drop is "
                                                        "scored")
+    # the suite's counterfactual n and size make twins, which no check of this cell uses: said, not ignored
+    assert skipped["counterfactual settings"] == ("counterfactual n, size set the phantom twins; the twins carry no "
+                                                  "'view' label: not used")
     cell = json.loads(next((tmp_path / "out" / "cells").glob("*.json")).read_text())
     assert cell["plots"]["counterfactual"]["source"].startswith("nearest-neighbour images")
     metrics = {row["metric"] for row in cell["rows"]}

@@ -1257,6 +1257,11 @@ def _phantom_pairs(ctx: _Context, check: str) -> list | None:
     from ..eval.counterfactual import TWIN_LABELS, UNSEEN_PATIENTS, phantom_counterfactual_pairs
 
     generator = ctx.data.generator
+    settings = sorted(ctx.suite.counterfactual)
+    if settings and (generator is None or ctx.label not in TWIN_LABELS):  # no twins made here
+        why = "this dataset is not a phantom" if generator is None else f"the twins carry no {ctx.label!r} label"
+        ctx.skipped.setdefault("counterfactual settings", f"counterfactual {', '.join(settings)} set the phantom "
+                                                          f"twins; {why}: not used")
     if generator is None:
         return None
     if ctx.label not in TWIN_LABELS:
@@ -1266,10 +1271,10 @@ def _phantom_pairs(ctx: _Context, check: str) -> list | None:
                                                   f"label (only finding and its binary columns); {instead}")
         return None
     if "pairs" not in ctx.cache:
-        settings = ctx.suite.counterfactual
+        chosen = ctx.suite.counterfactual
         ctx.cache["pairs"] = phantom_counterfactual_pairs(
-            int(generator.get("seed", 0)), int(settings.get("n", 10)),
-            int(settings.get("size", generator.get("size", 128))),
+            int(generator.get("seed", 0)), int(chosen.get("n", 10)),
+            int(chosen.get("size", generator.get("size", 128))),
             start=max(UNSEEN_PATIENTS, int(generator.get("n", 0))))
     return ctx.cache["pairs"]
 
