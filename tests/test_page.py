@@ -45,7 +45,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO_ROOT / "docs" / "images" / "reading-page.png"
 SCREENSHOT_LIMIT = 300 * 1024
 CHEST_XRAY = Path("vqa-rad") / "images" / "synpic18319.jpg"  # VQA-RAD (CC0): a PA chest X-ray with nodules
-TOKENS = [f"page-test-token-{n:02d}-{'y' * 12}" for n in range(41)]
+TOKENS = [f"page-test-token-{n:02d}-{'y' * 12}" for n in range(43)]
 WRONG_TOKEN = "not-a-valid-token-" + "z" * 12
 PANELS = ("zero-shot", "explain", "similar", "draft")
 QUESTION = "Is there a nodule?"
@@ -1459,3 +1459,26 @@ def test_fewer_than_two_labels_refuse_the_read_on_the_page_before_anything_is_se
     labels.fill("nodule, no_finding")
     page.get_by_role("button", name="Read image").click()
     wait_for_panels(page)
+
+
+def test_the_answer_to_a_question_and_its_refusal_are_announced_in_a_polite_status_line(page, chest_xray):
+    """After Ask the answer (or the refusal) replaced the card's body, in no live region, focus left on Ask: a
+    screen reader said nothing. A polite status line now sums it up in one line, as #read-status does for a read."""
+    connect(page, TOKENS[40])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    page.locator("#file").set_input_files(chest_xray)
+    wait_for_panels(page)
+    status = page.locator("#vqa-status")
+    assert (status.get_attribute("role"), status.get_attribute("aria-live")) == ("status", "polite")
+    assert status.evaluate("node => !node.closest('.body')")  # not in the part each answer replaces
+    ask(page, QUESTION)
+    answer = page.locator("#vqa .answer")
+    shown = f"{answer.get_attribute('data-answer')}, {answer.locator('.probability').inner_text()}"
+    assert status.inner_text() == f"Answered: {shown}.", status.inner_text()
+    page.get_by_label("Question").fill("?")  # no word the model knows: refused
+    page.get_by_role("button", name="Ask").click()
+    page.locator("#vqa[data-state=error]").wait_for(timeout=ANSWER_MS)
+    page.wait_for_function("() => document.querySelector('#vqa-status').textContent.startsWith('Not answered')",
+                           timeout=ANSWER_MS)
+    assert "no word this VQA model knows" in status.inner_text() and status.inner_text().startswith(
+        "Not answered: 422")
