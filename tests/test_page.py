@@ -1482,3 +1482,27 @@ def test_the_answer_to_a_question_and_its_refusal_are_announced_in_a_polite_stat
                            timeout=ANSWER_MS)
     assert "no word this VQA model knows" in status.inner_text() and status.inner_text().startswith(
         "Not answered: 422")
+
+
+def test_a_service_without_an_index_is_not_asked_for_similar_cases_or_a_draft(browser, model_dir, chest_xray):
+    """Without --index every read still posted to /v1/search and /v1/report/draft, and ended "Answered; 2 of 3 panels
+    refused." with two 503 boxes. They are not asked now: the two panels say why, the status counts the panels
+    asked."""
+    app = create_app(model_dir, settings=ServeSettings(), token_digests=[token_digest(TOKENS[41])])
+    with Server(app) as running:
+        watch = PageWatch(running.url)
+        context, page = open_watched(browser, running.url, watch)
+        connect(page, TOKENS[41])
+        page.locator("#connected").wait_for(timeout=ANSWER_MS)
+        page.locator("#file").set_input_files(chest_xray)
+        page.wait_for_function("() => /^(Answered|Not answered)/.test("
+                               "document.querySelector('#read-status').textContent)", timeout=ANSWER_MS)
+        panels = {panel: (page.locator(f"#{panel}").get_attribute("data-state"),
+                          page.locator(f"#{panel} .body").inner_text()) for panel in ("similar", "draft")}
+        status = page.locator("#read-status").inner_text()
+        context.close()
+    idle = ("idle", "No case index on this service (medvl serve --index).")
+    assert panels == dict.fromkeys(("similar", "draft"), idle), panels
+    assert status == "Answered.", status
+    assert not [url for url in watch.requests if url.endswith(("/v1/search", "/v1/report/draft"))], watch.requests
+    assert not watch.refused and not watch.errors, watch.errors
