@@ -1506,3 +1506,30 @@ def test_a_service_without_an_index_is_not_asked_for_similar_cases_or_a_draft(br
     assert status == "Answered.", status
     assert not [url for url in watch.requests if url.endswith(("/v1/search", "/v1/report/draft"))], watch.requests
     assert not watch.refused and not watch.errors, watch.errors
+
+
+def test_fewer_cases_than_a_draft_needs_are_searched_but_not_drafted(browser, server, chest_xray):
+    """'Number of cases' took 1 or 2, which /v1/report/draft always refuses (it needs 3, rag.draft.MIN_CASES): the
+    read ended with the draft refused. The similar cases are now listed with that k and the draft panel says it needs
+    3 (the minimum /v1/models gives) without asking."""
+    from medvl.rag.draft import MIN_CASES
+
+    watch = PageWatch(server.url)
+    context = browser.new_context(viewport={"width": 360, "height": 800}, service_workers="block")
+    context.route("**/*", watch.route)
+    page = context.new_page()
+    page.goto(server.url + "/")
+    connect(page, TOKENS[42])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    page.get_by_label("Number of cases").fill(str(MIN_CASES - 1))
+    page.locator("#file").set_input_files(chest_xray)
+    page.wait_for_function("() => /^(Answered|Not answered)/.test("
+                           "document.querySelector('#read-status').textContent)", timeout=ANSWER_MS)
+    status = page.locator("#read-status").inner_text()
+    draft = (page.locator("#draft").get_attribute("data-state"), page.locator("#draft .body").inner_text())
+    cases = page.locator("#similar .case").count()
+    context.close()
+    assert status == "Answered." and cases == MIN_CASES - 1, (status, cases)
+    assert draft[0] == "idle" and f"a draft needs at least {MIN_CASES} cases" in draft[1], draft
+    assert not [url for url in watch.requests if url.endswith("/v1/report/draft")]
+    assert not watch.refused and not watch.errors

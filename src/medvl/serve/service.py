@@ -388,10 +388,13 @@ class ModelService:
                 cases = len(self.index)
             except IndexDamaged as error:  # a FAISS index's damaged case table
                 unavailable = error.problem
+        from ..rag.draft import MIN_CASES
+
         info = self.index.info
         return {"name": self.index_name, "cases": cases, "sha256": info_sha256(info),
                 "backend": info.get("backend"), "label_columns": info.get("label_columns"),
-                "filter_columns": info.get("columns"), "unavailable": unavailable}
+                "filter_columns": info.get("columns"), "unavailable": unavailable,
+                "min_draft_cases": MIN_CASES}  # /v1/report/draft's least k: the page does not ask with fewer
 
     async def zero_shot(self, data: bytes, class_names: Sequence[str], label_column: str | None,
                         timings: dict[str, Any]) -> dict[str, Any]:
