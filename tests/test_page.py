@@ -1508,10 +1508,11 @@ def test_a_service_without_an_index_is_not_asked_for_similar_cases_or_a_draft(br
     assert not watch.refused and not watch.errors, watch.errors
 
 
-def test_fewer_cases_than_a_draft_needs_are_searched_but_not_drafted(browser, server, chest_xray):
+def test_fewer_cases_than_a_draft_needs_are_searched_but_not_drafted_and_ranks_stay_whole_at_360px(browser, server,
+                                                                                                   chest_xray):
     """'Number of cases' took 1 or 2, which /v1/report/draft always refuses (it needs 3, rag.draft.MIN_CASES): the
     read ended with the draft refused. The similar cases are now listed with that k and the draft panel says it needs
-    3 (the minimum /v1/models gives) without asking."""
+    3 (the minimum /v1/models gives) without asking. At 360 px a case's rank "#1" broke over two lines."""
     from medvl.rag.draft import MIN_CASES
 
     watch = PageWatch(server.url)
@@ -1528,8 +1529,12 @@ def test_fewer_cases_than_a_draft_needs_are_searched_but_not_drafted(browser, se
     status = page.locator("#read-status").inner_text()
     draft = (page.locator("#draft").get_attribute("data-state"), page.locator("#draft .body").inner_text())
     cases = page.locator("#similar .case").count()
+    ranks = page.locator("#similar .case .rank").evaluate_all(
+        "nodes => nodes.map(node => [node.textContent, node.getBoundingClientRect().height, "
+        "parseFloat(getComputedStyle(node).lineHeight)])")
     context.close()
     assert status == "Answered." and cases == MIN_CASES - 1, (status, cases)
     assert draft[0] == "idle" and f"a draft needs at least {MIN_CASES} cases" in draft[1], draft
     assert not [url for url in watch.requests if url.endswith("/v1/report/draft")]
+    assert ranks and all(height < 1.5 * line for _, height, line in ranks), ranks  # one line each
     assert not watch.refused and not watch.errors
