@@ -45,7 +45,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO_ROOT / "docs" / "images" / "reading-page.png"
 SCREENSHOT_LIMIT = 300 * 1024
 CHEST_XRAY = Path("vqa-rad") / "images" / "synpic18319.jpg"  # VQA-RAD (CC0): a PA chest X-ray with nodules
-TOKENS = [f"page-test-token-{n:02d}-{'y' * 12}" for n in range(41)]
+TOKENS = [f"page-test-token-{n:02d}-{'y' * 12}" for n in range(43)]
 WRONG_TOKEN = "not-a-valid-token-" + "z" * 12
 PANELS = ("zero-shot", "explain", "similar", "draft")
 QUESTION = "Is there a nodule?"
@@ -1459,3 +1459,82 @@ def test_fewer_than_two_labels_refuse_the_read_on_the_page_before_anything_is_se
     labels.fill("nodule, no_finding")
     page.get_by_role("button", name="Read image").click()
     wait_for_panels(page)
+
+
+def test_the_answer_to_a_question_and_its_refusal_are_announced_in_a_polite_status_line(page, chest_xray):
+    """After Ask the answer (or the refusal) replaced the card's body, in no live region, focus left on Ask: a
+    screen reader said nothing. A polite status line now sums it up in one line, as #read-status does for a read."""
+    connect(page, TOKENS[40])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    page.locator("#file").set_input_files(chest_xray)
+    wait_for_panels(page)
+    status = page.locator("#vqa-status")
+    assert (status.get_attribute("role"), status.get_attribute("aria-live")) == ("status", "polite")
+    assert status.evaluate("node => !node.closest('.body')")  # not in the part each answer replaces
+    ask(page, QUESTION)
+    answer = page.locator("#vqa .answer")
+    shown = f"{answer.get_attribute('data-answer')}, {answer.locator('.probability').inner_text()}"
+    assert status.inner_text() == f"Answered: {shown}.", status.inner_text()
+    page.get_by_label("Question").fill("?")  # no word the model knows: refused
+    page.get_by_role("button", name="Ask").click()
+    page.locator("#vqa[data-state=error]").wait_for(timeout=ANSWER_MS)
+    page.wait_for_function("() => document.querySelector('#vqa-status').textContent.startsWith('Not answered')",
+                           timeout=ANSWER_MS)
+    assert "no word this VQA model knows" in status.inner_text() and status.inner_text().startswith(
+        "Not answered: 422")
+
+
+def test_a_service_without_an_index_is_not_asked_for_similar_cases_or_a_draft(browser, model_dir, chest_xray):
+    """Without --index every read still posted to /v1/search and /v1/report/draft, and ended "Answered; 2 of 3 panels
+    refused." with two 503 boxes. They are not asked now: the two panels say why, the status counts the panels
+    asked."""
+    app = create_app(model_dir, settings=ServeSettings(), token_digests=[token_digest(TOKENS[41])])
+    with Server(app) as running:
+        watch = PageWatch(running.url)
+        context, page = open_watched(browser, running.url, watch)
+        connect(page, TOKENS[41])
+        page.locator("#connected").wait_for(timeout=ANSWER_MS)
+        page.locator("#file").set_input_files(chest_xray)
+        page.wait_for_function("() => /^(Answered|Not answered)/.test("
+                               "document.querySelector('#read-status').textContent)", timeout=ANSWER_MS)
+        panels = {panel: (page.locator(f"#{panel}").get_attribute("data-state"),
+                          page.locator(f"#{panel} .body").inner_text()) for panel in ("similar", "draft")}
+        status = page.locator("#read-status").inner_text()
+        context.close()
+    idle = ("idle", "No case index on this service (medvl serve --index).")
+    assert panels == dict.fromkeys(("similar", "draft"), idle), panels
+    assert status == "Answered.", status
+    assert not [url for url in watch.requests if url.endswith(("/v1/search", "/v1/report/draft"))], watch.requests
+    assert not watch.refused and not watch.errors, watch.errors
+
+
+def test_fewer_cases_than_a_draft_needs_are_searched_but_not_drafted_and_ranks_stay_whole_at_360px(browser, server,
+                                                                                                   chest_xray):
+    """'Number of cases' took 1 or 2, which /v1/report/draft always refuses (it needs 3, rag.draft.MIN_CASES): the
+    read ended with the draft refused. The similar cases are now listed with that k and the draft panel says it needs
+    3 (the minimum /v1/models gives) without asking. At 360 px a case's rank "#1" broke over two lines."""
+    from medvl.rag.draft import MIN_CASES
+
+    watch = PageWatch(server.url)
+    context = browser.new_context(viewport={"width": 360, "height": 800}, service_workers="block")
+    context.route("**/*", watch.route)
+    page = context.new_page()
+    page.goto(server.url + "/")
+    connect(page, TOKENS[42])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    page.get_by_label("Number of cases").fill(str(MIN_CASES - 1))
+    page.locator("#file").set_input_files(chest_xray)
+    page.wait_for_function("() => /^(Answered|Not answered)/.test("
+                           "document.querySelector('#read-status').textContent)", timeout=ANSWER_MS)
+    status = page.locator("#read-status").inner_text()
+    draft = (page.locator("#draft").get_attribute("data-state"), page.locator("#draft .body").inner_text())
+    cases = page.locator("#similar .case").count()
+    ranks = page.locator("#similar .case .rank").evaluate_all(
+        "nodes => nodes.map(node => [node.textContent, node.getBoundingClientRect().height, "
+        "parseFloat(getComputedStyle(node).lineHeight)])")
+    context.close()
+    assert status == "Answered." and cases == MIN_CASES - 1, (status, cases)
+    assert draft[0] == "idle" and f"a draft needs at least {MIN_CASES} cases" in draft[1], draft
+    assert not [url for url in watch.requests if url.endswith("/v1/report/draft")]
+    assert ranks and all(height < 1.5 * line for _, height, line in ranks), ranks  # one line each
+    assert not watch.refused and not watch.errors

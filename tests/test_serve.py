@@ -42,6 +42,7 @@ from hostile_files import animated_png, jpeg_dicom_with_inserted_bytes  # noqa: 
 from medvl.data import load_dataset  # noqa: E402
 from medvl.errors import DataError, InputError  # noqa: E402
 from medvl.index import build_index, open_index, search_index  # noqa: E402
+from medvl.io import file_sha256  # noqa: E402
 from medvl.models.backends import resolve_backend  # noqa: E402
 from medvl.models.registry import load_model  # noqa: E402
 from medvl.predict import predict  # noqa: E402
@@ -220,6 +221,50 @@ def test_models_tells_a_vqa_model_redeployed_under_the_same_name(model_dir, vqa_
         {key: other["fingerprint"][key] for key in ("config_sha256", "tokenizer_sha256")}
     assert first == again and first["fingerprint"] == vqa_fingerprint(load_vqa_model(vqa_dir))
     assert str(tmp_path) not in json.dumps(described) and str(vqa_dir) not in json.dumps(described)
+
+
+def test_models_tells_a_guard_fitted_or_a_knowledge_base_edited_between_two_starts(model_dir, index_dir,
+                                                                                   phantom_dir, tmp_path):
+    """/v1/models described the model by its config, weights and tokenizer only: a service restarted on the same
+    folder after `medvl ood fit` (the weights unchanged), or with its knowledge base edited, was described as before,
+    so the page kept answers made without the guard's warning (or with other knowledge) as current. The guard
+    (threshold, quantile, its file's SHA-256) and the knowledge base's digest are now part of it; a plain restart
+    keeps the description."""
+    import shutil
+
+    from medvl.serve.service import ModelService
+
+    served = tmp_path / "served" / "model"
+    shutil.copytree(model_dir, served)
+    (tmp_path / "knowledge").mkdir()
+    (tmp_path / "knowledge" / "air_leak.md").write_text(USER_FINDING)
+
+    def described(index=index_dir, knowledge=None) -> dict:
+        service = ModelService(served, index, ServeSettings(knowledge=knowledge))
+        try:
+            return service.describe()
+        finally:
+            service.model_thread.shutdown()
+            service.workers.shutdown()
+            if service.index is not None:
+                service.index.close()
+
+    before, again = described(), described()
+    assert before == again and before["ood"] is None
+    assert before["knowledge"]["entries"] > 0 and len(before["knowledge"]["sha256"]) == 64
+    assert described(index=None)["knowledge"] is None  # no index, no draft
+    result, output = invoke("ood", "fit", "--model", served, "--data", phantom_dir, "-q")
+    assert result.exit_code == 0, output
+    guarded = described()
+    assert guarded != before and guarded["fingerprint"] == before["fingerprint"]
+    assert guarded["ood"]["sha256"] == file_sha256(served / "ood.safetensors")
+    assert guarded["ood"]["quantile"] == 0.99 and guarded["ood"]["threshold"] > 0
+    assert described() == guarded  # a plain restart: the same description
+    user = described(knowledge=tmp_path / "knowledge")
+    (tmp_path / "knowledge" / "air_leak.md").write_text(USER_FINDING.replace("[pneumothorax]", "[air leak]"))
+    edited = described(knowledge=tmp_path / "knowledge")
+    assert len({before["knowledge"]["sha256"], user["knowledge"]["sha256"], edited["knowledge"]["sha256"]}) == 3
+    assert str(tmp_path) not in json.dumps([guarded, edited])
 
 
 def test_tokens_come_hashed_from_a_file_or_the_environment(model_dir, tmp_path, monkeypatch):
@@ -2488,7 +2533,7 @@ def test_vqa_answers_as_the_library_for_one_and_two_images(client, vqa_dir, phan
     assert "nodule in the left" not in logged and "film0" not in logged  # no question, no file name
 
 
-def test_vqa_refuses_an_empty_question_and_too_many_images(client, png):
+def test_vqa_refuses_an_empty_question_and_too_many_images(client, png, vqa_dir, tmp_path):
     for question in ("", "   "):  # "" was "question: Field required" (a form's empty field reads as missing)
         answer = vqa(client, [png.read_bytes()], question)
         assert answer.status_code == 422 and "the question is empty" in answer.json()["detail"], answer.text
@@ -2505,7 +2550,16 @@ def test_vqa_refuses_an_empty_question_and_too_many_images(client, png):
         assert unread not in answer.json()["detail"]
     partly = vqa(client, [png.read_bytes()], "Is there a ☃ 你好 nodule?")  # answered, its unknown words counted
     assert partly.status_code == 200 and partly.json()["unknown_words"] >= 2, partly.text
-    assert vqa(client, [png.read_bytes()]).json()["unknown_words"] == 0
+    assert vqa(client, [png.read_bytes()], "Is a pulmonary nodule present?").json()["unknown_words"] == 0
+    assert vqa(client, [png.read_bytes()]).json()["unknown_words"] == 2  # no phantom question says "left lung"
+    # a term no training question holds, spelt by the word-piece tokenizer from known pieces: counted as medvl vqa
+    # counts it (it was 0: only unknown tokens counted)
+    unseen = vqa(client, [png.read_bytes()], "Is there atelectasis?")
+    result, output = invoke("vqa", png, "--model", vqa_dir, "--question", "Is there atelectasis?", "--json",
+                            tmp_path / "answer.json")
+    assert result.exit_code == 0, output
+    assert unseen.status_code == 200 and unseen.json()["unknown_words"] == 1, unseen.text
+    assert json.loads((tmp_path / "answer.json").read_text())["unknown_words"] == 1
     assert vqa(client, [b"GIF89a" + b"\0" * 200]).status_code == 415
     assert client.post("/v1/vqa", headers=auth(), data={"question": QUESTION}).status_code == 422  # no image
 

@@ -370,6 +370,7 @@ def test_evaluate_vqa_gives_the_result_shape_of_medvls_own_model(llava_dir, vqa_
     for key in ("closed_accuracy", "overall_accuracy", "blank_image_overall_accuracy", "open_token_f1"):
         assert 0.0 <= result[key] <= 1.0, key
     assert result["question_only_overall_accuracy"] is None and result["answers_in_vocabulary"] is None
+    assert result["questions_with_unknown_words"] is None  # a VLM reads the whole prompt: it does not count
     assert set(result["per_question_type"]) == {"PRES", "SIZE", "POS", "ABN"}
     # every closed answer is one of its candidates: chance for yes/no is 1/2, not 1/vocabulary
     answers = [model.answer([item.image], item.question, options)["answer"]
@@ -388,7 +389,7 @@ def test_vqa_command_answers_with_a_local_vlm(vlm_dir, images, tmp_path):
     answer = json.loads(out.read_text())
     assert "answer:" in output and answer["model"] == vlm_dir.resolve().name  # its name, as /v1/vqa gives it
     assert answer["answer_type"] in ("OPEN", "CLOSED") and 0.0 <= answer["probability"] <= 1.0
-    assert answer["heatmaps"] == []
+    assert answer["heatmaps"] == [] and "unknown_words" not in answer  # a VLM's answer does not count them
     again, _ = invoke("vqa", "--model", vlm_dir, images[0], "--question", "is there a nodule in the left lung?",
                       "--json", out, "--overwrite")
     assert json.loads(out.read_text()) == answer

@@ -4,6 +4,7 @@ their evidence, and the one-line errors of bad input (all on a real phantom VQA 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from collections import Counter
@@ -22,7 +23,7 @@ from medvl.errors import InputError, ModelError
 from medvl.eval.contamination import trained_on_scored, training_data
 from medvl.eval.vqa import answer_items, answer_with_rationale, evaluate_vqa, token_f1
 from medvl.models.registry import create_model
-from medvl.models.vqa import VQAModel, load_vqa_model, question_key, select_questions
+from medvl.models.vqa import VQAModel, load_vqa_model, question_key, select_questions, word_key
 from medvl.train.loop import TrainConfig
 from medvl.train.vqa import VQAOptions, train_vqa
 
@@ -510,6 +511,51 @@ def test_unknown_words_of_a_question_are_counted_and_warned(trained, phantom, tm
     assert "你好" not in output and "你好" not in out.read_text(encoding="utf-8")
     result, output = invoke("vqa", image, "--model", trained, "--question", "Is there a nodule?")
     assert result.exit_code == 0 and "does not know" not in output, output
+
+
+def test_a_term_no_training_question_holds_counts_as_unknown_in_the_cli_eval_and_library(trained, phantom, tmp_path,
+                                                                                          caplog):
+    """unknown_words counted only the question encoder's unknown tokens, but its word-piece tokenizer spells a term it
+    never saw from known pieces ("atelectasis" as ate ##le ##cta ##sis): it almost never counted one. medvl train vqa
+    now records the training questions' words (question_words.json) and a word not among them counts, alike in
+    medvl vqa --json, medvl eval vqa and the library; a folder without the file keeps the old rule and says so once."""
+    image = next((phantom / "vqa" / "images").glob("*.png"))
+    folder = trained / "model"
+    words = json.loads((folder / "question_words.json").read_text())  # by key: no word in clear
+    assert {word_key(word) for word in ("is", "there", "nodule")} <= set(words) and "nodule" not in words
+    assert word_key("atelectasis") not in words
+    model = load_vqa_model(trained)
+    assert isinstance(model, VQAModel)
+    unseen = "Is there atelectasis?"
+    assert model.text_encoder.word_tokens(unseen)[1] == 0  # spelt from pieces: no unknown token
+    assert answer_with_rationale(model, [image], unseen)["unknown_words"] == 1
+    assert answer_with_rationale(model, [image], "Is there a nodule?")["unknown_words"] == 0
+    # a folder saved before the words were recorded: the old rule, said once (read before the CLI runs below: their
+    # logging setup takes caplog's handler away)
+    older = tmp_path / "older"
+    shutil.copytree(folder, older)
+    (older / "question_words.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="medvl.models.vqa"):
+        first, second = load_vqa_model(older), load_vqa_model(older)
+    assert first.unknown_words(unseen) == 0 and first.unknown_words("Is there a 你好 nodule?") == 2
+    assert second.question_words is None
+    assert sum("question_words.json" in record.getMessage() for record in caplog.records) == 1
+    out = tmp_path / "answer.json"
+    result, output = invoke("vqa", image, "--model", trained, "--question", unseen, "--json", out)
+    assert result.exit_code == 0, output
+    assert json.loads(out.read_text())["unknown_words"] == 1 and "does not know" in output
+    copy = tmp_path / "vqa"
+    shutil.copytree(phantom / "vqa", copy)
+    questions = json.loads((copy / "test.json").read_text())
+    for entry in questions[:2]:
+        entry["question"] = unseen
+    (copy / "test.json").write_text(json.dumps(questions), encoding="utf-8")
+    scores = tmp_path / "scores.json"
+    result, output = invoke("eval", "vqa", "--model", trained, "--data", copy, "--split", "test", "--json", scores,
+                            "--quiet")
+    assert result.exit_code == 0, output
+    expected = sum(model.unknown_words(entry["question"]) > 0 for entry in questions)
+    assert json.loads(scores.read_text())["questions_with_unknown_words"] == expected >= 2
 
 
 def test_eval_counts_the_questions_with_no_word_the_model_knows(trained, phantom, tmp_path):

@@ -20,6 +20,9 @@
 - ``questions_unread``: how many scored questions have no word the model's question encoder knows (only unknown
   tokens and punctuation, ``TextEncoder.known_word_tokens``): scored as read, with a warning counting them (``medvl
   vqa`` refuses such a question; a transformers VLM: 0);
+- ``questions_with_unknown_words``: how many scored questions hold a word the model was not trained on
+  (``unknown_words``: not among its training questions' words, as ``medvl vqa`` and ``/v1/vqa`` count them; a
+  transformers VLM: None, it does not count);
 - ``no_answers``: how many scored questions were answered without a word (a transformers VLM's generation that
   ended at once, its answer marked ``no_answer``): scored as wrong, with a warning counting them.
 
@@ -201,6 +204,8 @@ def evaluate_vqa(model: VQAModel | VisionLanguageModel, items: Sequence[VQAItem]
     result["answers_in_vocabulary"] = coverage
     result["questions_cut"] = cut
     result["questions_unread"] = unread
+    result["questions_with_unknown_words"] = None if isinstance(model, VisionLanguageModel) \
+        else _count_unknown_word_questions(model, items)
     result["no_answers"] = _count_no_answers(predicted, source)
     if seen is not None:
         result["trained_on_scored"] = seen
@@ -217,6 +222,13 @@ def _count_cut_questions(model: VQAModel, items: Sequence[VQAItem], source: str)
                     "special ones included): they are scored as read, cut (medvl vqa refuses them)", source or "data",
                     cut, len(items), model.config.text.max_length)
     return cut
+
+
+def _count_unknown_word_questions(model: VQAModel, items: Sequence[VQAItem]) -> int:
+    """How many scored questions hold a word the model was not trained on (``unknown_words``, as ``medvl vqa`` and
+    ``/v1/vqa`` count them; each distinct question read once)."""
+    unknown = {question: unknown_words(model, question) for question in {item.question for item in items}}
+    return sum(unknown[item.question] > 0 for item in items)
 
 
 def _count_unread_questions(model: VQAModel, items: Sequence[VQAItem], source: str) -> int:
@@ -340,10 +352,11 @@ def _check_question_tokens(question: str, field: str, model: VQAModel) -> None:
 
 
 def unknown_words(model: VQAModel, question: str) -> int:
-    """How many word tokens of ``question`` the model's question encoder reads as its unknown token (a word it never
-    saw in training, or a piece of one): the answer does not take them into account. A question of nothing but
-    unknown words is refused (``check_question``); one with some is answered, and the CLI warns."""
-    return model.text_encoder.word_tokens(question)[1]
+    """How many words of ``question`` the model was not trained on (``VQAModel.unknown_words``: not among its
+    training questions' words; a model saved without them: the words its question encoder reads as its unknown
+    token): the answer does not take them into account. A question of nothing but unknown tokens is refused
+    (``check_question``); one with unknown words is answered, and the CLI warns."""
+    return model.unknown_words(question)
 
 
 def answer_with_rationale(model: VQAModel | VisionLanguageModel, images: Sequence[str | Path],

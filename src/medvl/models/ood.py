@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelError
-from ..io import atomic_write_bytes, loads_json
+from ..io import atomic_write_bytes, file_sha256, loads_json
 from .config import ImageConfig, non_default
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class OODGuard:
     info: dict[str, Any]  # quantile, split sizes, flagged and expected flagged share, image_tower_sha256 (the
     # weights it was fitted on), image_config_sha256 (the image settings it was fitted with), fit_data /
     # calibration_data (data path hash and split names); eval.ood.fit_ood
+    file_sha256: str | None = None  # SHA-256 of the guard file it was read from (load); None for one not read
 
     def scores(self, features: torch.Tensor) -> torch.Tensor:
         """Mahalanobis distance of each image's (N, F) backbone features, normalised here, to the training
@@ -93,13 +94,15 @@ class OODGuard:
                 metadata = handle.metadata() or {}
                 mean, precision = handle.get_tensor("mean"), handle.get_tensor("precision")
             threshold, info = float(metadata["threshold"]), loads_json(metadata["info"])
+            digest = file_sha256(path)  # what /v1/models tells a guard refitted into the same folder by
         except (SafetensorError, OSError, KeyError, ValueError) as err:
             raise ModelError(f"{path}: cannot read the OOD guard ({err.__class__.__name__}: {err}); "
                              f"{recovery(path)}") from None
         problem = _stored_problem(mean, precision, threshold, info)
         if problem:  # a NaN threshold or mean flags no image (the guard silently off), -inf every image
             raise ModelError(f"{path}: the OOD guard is malformed ({problem}); {recovery(path)}")
-        return cls(mean=mean.float(), precision=precision.float(), threshold=threshold, info=info)
+        return cls(mean=mean.float(), precision=precision.float(), threshold=threshold, info=info,
+                   file_sha256=digest)
 
 
 def _stored_problem(mean: torch.Tensor, precision: torch.Tensor, threshold: float, info: Any) -> str | None:

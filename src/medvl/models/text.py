@@ -355,6 +355,18 @@ class TextEncoder(nn.Module):
         special = self.tokenizer.num_special_tokens_to_add()
         return self.untruncated_length(text) - special, self.config.max_length - special
 
+    def words(self, text: str) -> list[str]:
+        """The words of ``text`` as this tower's tokenizer reads them before it cuts them into pieces: normalised and
+        split as its normaliser and pre-tokeniser do (a WordPiece one: lower case, accents stripped, split at spaces
+        and punctuation, each CJK character a word; a tokenizer without them: lower case, split at whitespace), only
+        those holding a letter or digit."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        normalizer, splitter = getattr(backend, "normalizer", None), getattr(backend, "pre_tokenizer", None)
+        normalized = normalizer.normalize_str(text) if normalizer is not None else text.lower()
+        split = [word for word, _ in splitter.pre_tokenize_str(normalized)] if splitter is not None \
+            else normalized.split()
+        return [word for word in split if any(char.isalnum() for char in word)]
+
     def known_word_tokens(self, text: str) -> int:
         """How many tokens of ``text`` (special ones left out) are in this tower's vocabulary and spell part of a
         word (a letter or digit of the text): 0 when it reads the text as nothing but unknown tokens and punctuation,

@@ -76,6 +76,9 @@ from .vlm import VisionLanguageModel, is_transformers_folder
 log = logging.getLogger(__name__)
 
 MODEL_KIND = "vqa"
+# the training questions' words, by key (``training_words``): what ``VQAModel.unknown_words`` counts a question's by
+QUESTION_WORDS_FILE = "question_words.json"
+_warned_without_words: set[str] = set()  # model folders without QUESTION_WORDS_FILE already said so of
 FROZEN_QUESTION_CACHE = 1024  # question encodings a frozen question tower keeps (least recently used dropped)
 
 
@@ -202,10 +205,22 @@ class VQAModel(nn.Module):
         # at most frozen_cache_size of them: a long-running service asked ever new questions must not grow
         self._frozen_questions: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.frozen_cache_size = FROZEN_QUESTION_CACHE
+        # its training questions' words by key (``training_words``, saved as QUESTION_WORDS_FILE); None for a model
+        # saved before medvl recorded them: ``unknown_words`` then counts the question encoder's unknown tokens only
+        self.question_words: frozenset[str] | None = None
 
     @property
     def answers(self) -> list[str]:
         return self.meta["answers"]
+
+    def unknown_words(self, question: str) -> int:
+        """How many words of ``question`` (``TextEncoder.words``: normalised as the question encoder reads them) are
+        not among its training questions' words (``question_words``): a word-piece tokenizer spells a term it never
+        saw from known pieces, which the model was never trained to read as that term. A model without them counts
+        the words (or pieces) its question encoder reads as its unknown token."""
+        if self.question_words is None:
+            return self.text_encoder.word_tokens(question)[1]
+        return sum(word_key(word) not in self.question_words for word in self.text_encoder.words(question))
 
     def _count_image_tokens(self) -> int:
         was_training = self.image_encoder.training
@@ -339,6 +354,8 @@ class VQAModel(nn.Module):
             save_file(state, str(staging / WEIGHTS_FILE))
             give_output_mode(staging / WEIGHTS_FILE)  # safetensors writes 0600
             self.text_encoder.save(staging / TEXT_DIR)
+            if self.question_words is not None:  # in the staging folder: renamed into place with the rest
+                (staging / QUESTION_WORDS_FILE).write_text(json.dumps(sorted(self.question_words)))
 
         return save_model_dir(directory, state, self.config.to_dict(), self.meta, write)
 
@@ -379,10 +396,46 @@ class VQAModel(nn.Module):
             raise ModelError(f"{directory}: config.json: {err}") from None
         check_tokenizer_fits(model.text_encoder, directory)
         model.meta = meta
+        model.question_words = _read_question_words(directory)
         model.name = model_name(directory)
         load_weights(model, state, directory)
         model.eval()
         return model
+
+
+def training_words(encoder: TextEncoder, questions: Sequence[str]) -> frozenset[str]:
+    """The words of ``questions`` (``TextEncoder.words``), each by its key (``word_key``): what a model records of its
+    training questions (``QUESTION_WORDS_FILE``). Every word counts, however rare (a term the model was trained on in
+    one templated question is no unknown word), so none is kept in clear: the folder lists no name or number of a
+    question, as the answer prior keeps questions by a hash (``question_key``)."""
+    return frozenset(word_key(word) for question in set(questions) for word in encoder.words(question))
+
+
+def word_key(word: str) -> str:
+    """How ``QUESTION_WORDS_FILE`` holds a word: the first 16 hex digits of its SHA-256."""
+    return hashlib.sha256(word.encode("utf-8", errors="surrogatepass")).hexdigest()[:16]
+
+
+def _read_question_words(directory: Path) -> frozenset[str] | None:
+    """The training questions' words a model folder records (``QUESTION_WORDS_FILE``), or None (said once per
+    folder) for one saved before medvl recorded them; ModelError for a file that is not a JSON list of strings."""
+    path = directory / QUESTION_WORDS_FILE
+    if not path.is_file():
+        if str(directory.resolve()) not in _warned_without_words:
+            _warned_without_words.add(str(directory.resolve()))
+            log.warning("%s: no %s (trained by an earlier medvl): unknown_words counts only the words its question "
+                        "encoder reads as unknown tokens, not the terms it spells from known pieces; retrain it "
+                        "(medvl train vqa) to count every word its training questions lack", directory,
+                        QUESTION_WORDS_FILE)
+        return None
+    try:
+        words = read_json(path)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ModelError(f"{path}: cannot read it ({err.__class__.__name__}: {err})") from None
+    if not isinstance(words, list) or not all(isinstance(word, str) for word in words):
+        raise ModelError(f"{path}: must be a JSON list of word keys (the training questions' words), got "
+                         f"{type(words).__name__}")
+    return frozenset(words)
 
 
 def _check_answer_types(directory: Path, answer_types: Any, answers: list[Any]) -> None:

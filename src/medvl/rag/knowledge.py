@@ -29,6 +29,8 @@ knowledge base's, so a new file is a new finding.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 from collections.abc import Iterable, Sequence
@@ -127,6 +129,12 @@ class KnowledgeBase:
     def abnormal(self) -> list[str]:
         """Findings that make a study abnormal (not the normal entry, not devices)."""
         return [f.name for f in self.findings.values() if f.kind == FINDING and not f.normal_compatible]
+
+    def sha256(self) -> str:
+        """SHA-256 of the entries as read, in order (every field of each, its file named by its name only): what
+        ``/v1/models`` tells a knowledge base edited, added to or swapped between two starts of a service by."""
+        entries = [{**finding.to_dict(), "path": Path(finding.path).name if finding.path else None} for finding in self]
+        return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
 
     def resolve(self, label: Any) -> str | None:
         """The finding a label column or value names (by name, title or ``labels``), else None."""

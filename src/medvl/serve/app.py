@@ -335,7 +335,8 @@ def _add_routes(app: FastAPI, loader: Loader, settings: ServeSettings) -> None:
 
     @app.get("/v1/models", tags=["service"], responses=refusals(*TOKEN_REFUSALS))
     async def models() -> dict:
-        """The loaded model: name, embedding size, input, the labels it has captions for; the index."""
+        """The loaded model: name, embedding size, input, the labels it has captions for, its fingerprint; the index,
+        the VQA model, the OOD guard (``ood``) and the knowledge base (``knowledge``): what changes an answer."""
         return {"models": [await loader.get().described()]}
 
     @app.post("/v1/embed", tags=["models"], responses=refusals(*FORM_REFUSALS))

@@ -133,6 +133,8 @@ class ModelService:
         self.labeller: ReportLabeller | None = None
         if settings.knowledge is not None:  # a user's entry the model cannot read whole fails the start, not each draft
             self._labeller().knowledge.check_model(self.net)
+        elif self.index is not None:  # read at the start: /v1/models describes the knowledge base drafts use
+            self._labeller()
         self.workers = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="medvl-worker")
         self._class_sets: OrderedDict[tuple, tuple[str, torch.Tensor, list[str]]] = OrderedDict()
         self.vqa: VQAModel | VisionLanguageModel | None = _load_vqa(settings.vqa_model)
@@ -272,7 +274,8 @@ class ModelService:
         """The loaded model (and index) for ``/v1/models``: names and sizes, no paths above them; what tells a model
         retrained (or an index rebuilt) under the same name: the model's ``fingerprint`` (its config, weights and
         tokenizer digests, as an index records them), the VQA model's (``vqa.fingerprint``:
-        ``index.base.vqa_fingerprint``) and the index's ``sha256`` (``index.base.info_sha256``).
+        ``index.base.vqa_fingerprint``), the index's ``sha256`` (``index.base.info_sha256``), the OOD guard's
+        (``ood``: ``_describe_ood``) and the knowledge base's (``knowledge``: ``_describe_knowledge``).
         ``index`` False: the index left for the caller to describe (``described``)."""
         config = self.net.config
         captions = captions_for(None, None, self.net)
@@ -282,7 +285,7 @@ class ModelService:
                           "image_size": config.image.image_size, "in_channels": config.image.in_channels},
                 "labels": {column: list(classes) for column, classes in captions.classes.items()},
                 "index": self._describe_index() if index else None, "explain": self._describe_explain(),
-                "vqa": self._describe_vqa(),
+                "vqa": self._describe_vqa(), "ood": self._describe_ood(), "knowledge": self._describe_knowledge(),
                 "limits": {"max_upload_bytes": self.settings.max_upload_bytes,
                            "max_inflight_bytes": self.settings.inflight_limit}}
 
@@ -297,6 +300,24 @@ class ModelService:
         refusal = heatmap_refusal(self.net.config.image)
         return {"methods": [] if refusal else list(METHODS), "default_methods": self.explain_methods(),
                 "unavailable": refusal, "max_top": self.settings.max_explain_top, "concepts": concepts}
+
+    def _describe_ood(self) -> dict[str, Any] | None:
+        """The served model's OOD guard (None without one): its threshold, the quantile it was calibrated at
+        (``eval.ood.fit_ood``'s ``info``) and the SHA-256 of its file, which tells a guard fitted (or refitted with
+        ``--overwrite``) into the same model folder between two starts: the weights do not change."""
+        guard = getattr(self.net, "ood", None)
+        if guard is None:
+            return None
+        return {"threshold": round(guard.threshold, 4), "quantile": guard.info.get("quantile"),
+                "sha256": guard.file_sha256}
+
+    def _describe_knowledge(self) -> dict[str, Any] | None:
+        """The knowledge base drafts are labelled with (None for a service without an index: it drafts nothing): its
+        number of entries and the SHA-256 of the entries read, shipped and the user's (``KnowledgeBase.sha256``)."""
+        if self.index is None or self.labeller is None:
+            return None
+        knowledge = self.labeller.knowledge
+        return {"entries": len(knowledge), "sha256": knowledge.sha256()}
 
     def _describe_vqa(self) -> dict[str, Any] | None:
         from ..models.vqa import VQAModel
@@ -367,10 +388,13 @@ class ModelService:
                 cases = len(self.index)
             except IndexDamaged as error:  # a FAISS index's damaged case table
                 unavailable = error.problem
+        from ..rag.draft import MIN_CASES
+
         info = self.index.info
         return {"name": self.index_name, "cases": cases, "sha256": info_sha256(info),
                 "backend": info.get("backend"), "label_columns": info.get("label_columns"),
-                "filter_columns": info.get("columns"), "unavailable": unavailable}
+                "filter_columns": info.get("columns"), "unavailable": unavailable,
+                "min_draft_cases": MIN_CASES}  # /v1/report/draft's least k: the page does not ask with fewer
 
     async def zero_shot(self, data: bytes, class_names: Sequence[str], label_column: str | None,
                         timings: dict[str, Any]) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from ..models.vqa import (
     image_table,
     model_name,
     questions_cut,
+    training_words,
 )
 from .loop import MODEL_DIR, TrainConfig, fit, param_groups, recorded_run, starting_weights
 
@@ -212,6 +213,8 @@ class VQAObjective:
             self.model.config.image.augment = self.options.augment
         elif self.model.config.text.kind == "bert" and not self.model.meta.get("init", {}).get("question_tower"):
             self.model.text_encoder.fit_tokenizer([item.question for item in self.items])
+        if checkpoint is None:  # a checkpoint keeps the words it recorded
+            self.model.question_words = training_words(self.model.text_encoder, [item.question for item in self.items])
         self._warn_cut_questions()
         # every training question's encoding stays cached (a frozen tower): each runs once, not once per epoch
         self.model.frozen_cache_size = max(self.model.frozen_cache_size, len({item.question for item in self.items}))
