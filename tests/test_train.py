@@ -1,5 +1,6 @@
 """Training in-process on phantom data: the loss goes down, resume is exact, eval runs."""
 
+import csv
 import hashlib
 import json
 import math
@@ -416,6 +417,28 @@ def test_the_python_api_and_the_cli_give_the_same_weights_with_a_supervised_head
     heads = [json.loads((tmp_path / run / "model" / "meta.json").read_text())["heads"] for run in ("cli", "api")]
     assert heads[0] == heads[1]
     assert heads[0]["age"] == sorted(heads[0]["age"], key=int)  # by value
+
+
+def test_class_names_that_are_digits_but_not_numbers_train_a_head(small_phantom, tmp_path):
+    """"²" and "①" are digits to str.isdigit but int() cannot read them: sorting a head's classes ended
+    ``medvl train --supervised-weight`` in a traceback. Numbers sort by value, such names as text."""
+    from medvl.eval.head import class_order
+
+    data = tmp_path / "graded"
+    shutil.copytree(small_phantom, data)
+    grades = ["10", "2", "²", "①"]
+    with (data / "manifest.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    with (data / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[*rows[0], "grade"])
+        writer.writeheader()
+        writer.writerows({**row, "grade": grades[i % len(grades)]} for i, row in enumerate(rows))
+    result, output = invoke(*_tiny_train("train", data), "--max-steps", 1, "--workers", 0, "--label-column", "grade",
+                            "--supervised-weight", 1, "--out", tmp_path / "run")
+    assert result.exit_code == 0, output
+    assert "Traceback" not in output
+    heads = json.loads((tmp_path / "run" / "model" / "meta.json").read_text())["heads"]
+    assert heads["grade"] == ["2", "10", "²", "①"] == sorted(grades, key=class_order)
 
 
 def test_resume_of_a_run_without_a_checkpoint_checks_its_settings_and_restarts_its_metrics(small_phantom, tmp_path):
