@@ -213,6 +213,47 @@ def _checkpoint_steps(out: Path) -> tuple[int, int]:
     return meta["checkpoint_step"], torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"]
 
 
+def test_a_pretrained_text_towers_learning_rate_is_recorded_and_logged_and_an_older_run_folder_resumes(
+        small_phantom, tmp_path):
+    """A pretrained text tower trains at lr / 20 unless text_lr is set: train_config.json said only ``text_lr:
+    null`` and metrics.jsonl the image tower's lr. Now ``text_lr_used`` and a logged ``text_lr`` say it; a run
+    folder written before (neither) still resumes, to the weights of the uninterrupted run."""
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    minilm = {"image.image_size": 48, "text.kind": "pretrained", "text.path": "all-minilm-l6-v2",
+              "text.freeze": True, "text.tune_top_layers": 1}
+    medvl.train(medvl.create_model("phantom-tiny", seed=0, **minilm), dataset,
+                TrainConfig(epochs=1, batch_size=16, lr=2e-3, max_steps=1), tmp_path / "minilm", show_progress=False)
+    settings = json.loads((tmp_path / "minilm" / "train_config.json").read_text())
+    assert settings["train"]["text_lr"] is None and settings["text_lr_used"] == 2e-3 / 20
+    assert [(line["lr"], line["text_lr"]) for line in _metrics(tmp_path / "minilm")] == [(2e-3, 2e-3 / 20)]
+
+    config = TrainConfig(epochs=2, batch_size=16, lr=2e-3, text_lr=5e-4, seed=1, log_every=1)  # a bert tower
+
+    def run(out, on_epoch_end=None, resume=False):
+        return medvl.train(medvl.create_model("phantom-tiny", seed=0, **{"image.image_size": 48}), dataset, config,
+                           out, show_progress=False, on_epoch_end=on_epoch_end, resume=resume)
+
+    straight = run(tmp_path / "a").state_dict()
+    assert json.loads((tmp_path / "a" / "train_config.json").read_text())["text_lr_used"] == 5e-4
+    assert all(line["text_lr"] == pytest.approx(line["lr"] / 4) for line in _metrics(tmp_path / "a"))
+
+    def crash_in_second_epoch(model, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt  # before the epoch-2 checkpoint
+        return {}
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", on_epoch_end=crash_in_second_epoch)
+    older = tmp_path / "b" / "train_config.json"  # as the code before text_lr_used wrote it
+    older.write_text(json.dumps({k: v for k, v in json.loads(older.read_text()).items() if k != "text_lr_used"}))
+    lines = [{k: v for k, v in line.items() if k != "text_lr"} for line in _metrics(tmp_path / "b")]
+    (tmp_path / "b" / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    resumed = run(tmp_path / "b", resume=True).state_dict()
+    for name, value in straight.items():
+        assert torch.equal(value, resumed[name]), name
+    assert json.loads(older.read_text())["text_lr_used"] == 5e-4
+
+
 def test_a_weight_average_is_the_saved_model_and_a_resumed_run_continues_it(small_phantom, tmp_path):
     """ema_decay: the saved model is the exponential moving average of the weights, d = min(decay, (1 + n) / (10 +
     n)) at the n-th step; a checkpoint keeps the average, so a resumed run saves the model of an unbroken one."""
