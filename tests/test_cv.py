@@ -314,6 +314,24 @@ def test_a_saved_model_folder_is_refused_as_the_model_to_cross_validate(phantom_
     assert "unknown model" in output and "registered:" in output, output
 
 
+def test_class_names_that_are_digits_but_not_numbers_are_cross_validated(phantom_dir, tmp_path):
+    """A grade column holding "²" ended ``medvl bench cv`` in a traceback (str.isdigit, then int() in the sort of
+    the classes): numbers sort by value, such names as text."""
+    import csv
+
+    with (phantom_dir / "manifest.csv").open(newline="") as handle:
+        images = [row["image"] for row in csv.DictReader(handle)][:16]
+    write_manifest(tmp_path / "manifest.csv", ["image", "grade"],
+                   [[phantom_dir / image, "²" if i % 2 else "10"] for i, image in enumerate(images)])
+    out = tmp_path / "cv.json"
+    result, output = invoke("bench", "cv", "--allow-outside-root", "--data", tmp_path / "manifest.csv",
+                            "--label-column", "grade", "--model", "phantom-tiny", "--set", "image.image_size=32",
+                            "--folds", 2, "--epochs", 1, "--batch-size", 8, "--json", out, "-q")
+    assert result.exit_code == 0, output
+    assert "Traceback" not in output
+    assert json.loads(out.read_text())["classes"] == ["10", "²"]
+
+
 def test_held_out_copies_of_training_fold_images_are_counted_per_fold_and_said(phantom_dir, tmp_path):
     """Folds are drawn on records: an image filed twice under two names can sit on both sides of a fold, and the
     held-out copy then scores what the fold model trained on. Each fold's count is in the JSON, a warning and the

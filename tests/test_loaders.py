@@ -129,6 +129,23 @@ def test_npz_class_names_that_are_not_utf8_are_a_data_error_naming_the_file(tmp_
     assert "badnames.npz: 'class_names'" in output and "Traceback" not in output
 
 
+def test_npz_class_names_that_are_digits_but_not_numbers_are_benchmarked(tmp_path):
+    """A stored class name "²" (a digit to str.isdigit that int() cannot read) ended ``medvl bench medmnist`` in a
+    traceback while its classes were sorted: numbers sort by value, such names as text."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 16), ("val", 8), ("test", 8)):
+        arrays |= {f"{split}_images": rng.integers(0, 255, (n, 28, 28), dtype=np.uint8),
+                   f"{split}_labels": (np.arange(n) % 2).reshape(-1, 1)}
+    path = tmp_path / "grades.npz"
+    np.savez(path, **arrays, class_names=np.array(["10", "²"]))
+    result, output = invoke("bench", "medmnist", "--train-data", path, "--test-data", path, "--test-split", "test",
+                            "--epochs", 1, "--json", tmp_path / "b.json", "-q")
+    assert result.exit_code == 0, output
+    assert "Traceback" not in output
+    assert list(json.loads((tmp_path / "b.json").read_text())["metrics"]["per_class"]) == ["10", "²"]
+
+
 def test_npz_images_with_a_channel_axis(tmp_path):
     """(N, H, W, 1), as Keras saves grayscale, used to be read as volumes one pixel wide (every image then had
     the same difference hash, and a 2D model refused `<array>`); 2 or 4 channels are refused, naming the array."""

@@ -260,6 +260,35 @@ def test_models_command_shows_the_recipes():
     assert result.exit_code == 2 and "no-such-model" in output
 
 
+def test_the_recipe_of_a_saved_model_folder_names_the_captions_a_run_of_it_takes(phantom_dir, tmp_path):
+    """A run of a saved model folder on data without a dataset.json takes the captions the model was trained with
+    (``captions_for``), and ``medvl models --recipe FOLDER`` said "the dataset's own, else generic templates"."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    (data / "dataset.json").unlink()
+    lines = (data / "manifest.csv").read_text().splitlines(keepends=True)
+    (data / "manifest.csv").write_text("".join(lines[:17]))  # 16 records
+    model = medvl.create_model("phantom-tiny", seed=0, **{"image.image_size": 32})
+    model.save_pretrained(tmp_path / "plain")
+    trained_with = {"templates": ["a film showing {}."], "classes": {}}
+    model.meta["captions"] = trained_with
+    model.save_pretrained(tmp_path / "captioned")
+    shown = {}
+    for name in ("phantom-tiny", "plain", "captioned"):
+        result, output = invoke("models", "--recipe", name if name == "phantom-tiny" else tmp_path / name)
+        assert result.exit_code == 0, output
+        shown[name] = json.loads(output)["captions"]
+    assert shown["phantom-tiny"] == shown["plain"] == "the dataset's own, else generic templates"
+    assert shown["captioned"] == "the dataset's own, else the model's (the caption set it was trained with)"
+    result, output = invoke("train", "--data", data, "--model", tmp_path / "captioned", "--out", tmp_path / "run",
+                            "--epochs", 1, "--batch-size", 8, "--max-steps", 1, "--workers", 0, "-q")
+    assert result.exit_code == 0, output
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["captions"]["templates"] == \
+        trained_with["templates"]
+
+
 def test_benchmark_scripts_answer_bad_input_in_one_line(tmp_path):
     """They ended in a Python traceback (exit 1), --repeats 0 in an unexplained IndexError."""
     import subprocess

@@ -1,5 +1,6 @@
 """Training in-process on phantom data: the loss goes down, resume is exact, eval runs."""
 
+import csv
 import hashlib
 import json
 import math
@@ -212,6 +213,47 @@ def _checkpoint_steps(out: Path) -> tuple[int, int]:
     return meta["checkpoint_step"], torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"]
 
 
+def test_a_pretrained_text_towers_learning_rate_is_recorded_and_logged_and_an_older_run_folder_resumes(
+        small_phantom, tmp_path):
+    """A pretrained text tower trains at lr / 20 unless text_lr is set: train_config.json said only ``text_lr:
+    null`` and metrics.jsonl the image tower's lr. Now ``text_lr_used`` and a logged ``text_lr`` say it; a run
+    folder written before (neither) still resumes, to the weights of the uninterrupted run."""
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    minilm = {"image.image_size": 48, "text.kind": "pretrained", "text.path": "all-minilm-l6-v2",
+              "text.freeze": True, "text.tune_top_layers": 1}
+    medvl.train(medvl.create_model("phantom-tiny", seed=0, **minilm), dataset,
+                TrainConfig(epochs=1, batch_size=16, lr=2e-3, max_steps=1), tmp_path / "minilm", show_progress=False)
+    settings = json.loads((tmp_path / "minilm" / "train_config.json").read_text())
+    assert settings["train"]["text_lr"] is None and settings["text_lr_used"] == 2e-3 / 20
+    assert [(line["lr"], line["text_lr"]) for line in _metrics(tmp_path / "minilm")] == [(2e-3, 2e-3 / 20)]
+
+    config = TrainConfig(epochs=2, batch_size=16, lr=2e-3, text_lr=5e-4, seed=1, log_every=1)  # a bert tower
+
+    def run(out, on_epoch_end=None, resume=False):
+        return medvl.train(medvl.create_model("phantom-tiny", seed=0, **{"image.image_size": 48}), dataset, config,
+                           out, show_progress=False, on_epoch_end=on_epoch_end, resume=resume)
+
+    straight = run(tmp_path / "a").state_dict()
+    assert json.loads((tmp_path / "a" / "train_config.json").read_text())["text_lr_used"] == 5e-4
+    assert all(line["text_lr"] == pytest.approx(line["lr"] / 4) for line in _metrics(tmp_path / "a"))
+
+    def crash_in_second_epoch(model, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt  # before the epoch-2 checkpoint
+        return {}
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", on_epoch_end=crash_in_second_epoch)
+    older = tmp_path / "b" / "train_config.json"  # as the code before text_lr_used wrote it
+    older.write_text(json.dumps({k: v for k, v in json.loads(older.read_text()).items() if k != "text_lr_used"}))
+    lines = [{k: v for k, v in line.items() if k != "text_lr"} for line in _metrics(tmp_path / "b")]
+    (tmp_path / "b" / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    resumed = run(tmp_path / "b", resume=True).state_dict()
+    for name, value in straight.items():
+        assert torch.equal(value, resumed[name]), name
+    assert json.loads(older.read_text())["text_lr_used"] == 5e-4
+
+
 def test_a_weight_average_is_the_saved_model_and_a_resumed_run_continues_it(small_phantom, tmp_path):
     """ema_decay: the saved model is the exponential moving average of the weights, d = min(decay, (1 + n) / (10 +
     n)) at the n-th step; a checkpoint keeps the average, so a resumed run saves the model of an unbroken one."""
@@ -416,6 +458,28 @@ def test_the_python_api_and_the_cli_give_the_same_weights_with_a_supervised_head
     heads = [json.loads((tmp_path / run / "model" / "meta.json").read_text())["heads"] for run in ("cli", "api")]
     assert heads[0] == heads[1]
     assert heads[0]["age"] == sorted(heads[0]["age"], key=int)  # by value
+
+
+def test_class_names_that_are_digits_but_not_numbers_train_a_head(small_phantom, tmp_path):
+    """"²" and "①" are digits to str.isdigit but int() cannot read them: sorting a head's classes ended
+    ``medvl train --supervised-weight`` in a traceback. Numbers sort by value, such names as text."""
+    from medvl.eval.head import class_order
+
+    data = tmp_path / "graded"
+    shutil.copytree(small_phantom, data)
+    grades = ["10", "2", "²", "①"]
+    with (data / "manifest.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    with (data / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[*rows[0], "grade"])
+        writer.writeheader()
+        writer.writerows({**row, "grade": grades[i % len(grades)]} for i, row in enumerate(rows))
+    result, output = invoke(*_tiny_train("train", data), "--max-steps", 1, "--workers", 0, "--label-column", "grade",
+                            "--supervised-weight", 1, "--out", tmp_path / "run")
+    assert result.exit_code == 0, output
+    assert "Traceback" not in output
+    heads = json.loads((tmp_path / "run" / "model" / "meta.json").read_text())["heads"]
+    assert heads["grade"] == ["2", "10", "²", "①"] == sorted(grades, key=class_order)
 
 
 def test_resume_of_a_run_without_a_checkpoint_checks_its_settings_and_restarts_its_metrics(small_phantom, tmp_path):

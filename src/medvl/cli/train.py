@@ -41,11 +41,14 @@ def train_command(
     split: Annotated[str | None, typer.Option(help="Split to train on (default: train if present, else all).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Passes over the data (default: the recipe's).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Records per batch (default: the recipe's).")] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default: the recipe's).")] = None,
+    lr: Annotated[float | None, typer.Option(
+        help="Peak learning rate (default: the recipe's); a pretrained text tower trains at lr/20 unless --train-set "
+             "text_lr=VALUE (OUT/train_config.json: text_lr_used).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for init, order and augmentation (default 0).")] = None,
     loss: Annotated[str | None, typer.Option(help="clip or siglip (default: the recipe's, else the model's).")] = None,
     text_encoder: Annotated[str | None, typer.Option(
-        help="bert (random init), all-minilm-l6-v2 (shipped), or a local HF folder.")] = None,
+        help="bert (random init), all-minilm-l6-v2 (shipped, trained at lr/20), or a local HF folder (pretrained: "
+             "lr/20).")] = None,
     label_column: LabelOption = None,
     captions: CaptionsOption = None,
     text_source: Annotated[str | None, typer.Option(

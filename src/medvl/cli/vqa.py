@@ -65,7 +65,9 @@ def train_vqa_command(
         "--set", help="VQA config override key=value (JSON value), e.g. image.no_max_pool=true.")] = None,
     epochs: Annotated[int, typer.Option(help="Passes over the questions.")] = 20,
     batch_size: Annotated[int, typer.Option(help="Questions per batch.")] = 64,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+    lr: Annotated[float, typer.Option(
+        help="Peak learning rate (a pretrained question encoder trains at lr/20; OUT/train_config.json: "
+             "text_lr_used).")] = 1e-3,
     seed: Annotated[int, typer.Option(help="Seed for init, order, augmentation and --holdout.")] = 0,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.")] = False,

@@ -13,8 +13,10 @@ from ..models.dual import DualEncoder
 
 
 def class_order(name: str) -> tuple[int, int | str]:
-    """Sort key for class names: numeric names ("0", "1", "10") by value first, then the rest."""
-    return (0, int(name)) if name.isdigit() else (1, name)
+    """Sort key for class names: numeric names ("0", "1", "10") by value first, then the rest. Numeric means
+    decimal digits only (what ``int`` reads): "²" or "①" are digits to ``str.isdigit`` but not numbers, and sort
+    as text."""
+    return (0, int(name)) if name.isdecimal() else (1, name)
 
 
 def head_scores(model: DualEncoder, dataset: Dataset, label: str, show_progress: bool = True) -> np.ndarray:

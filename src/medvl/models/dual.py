@@ -246,6 +246,19 @@ class DualEncoder(nn.Module):
         return model
 
 
+def saved_captions(directory: str | Path) -> dict[str, Any] | None:
+    """The caption set a saved model folder was trained with (``meta["captions"]``, which ``captions_for`` takes
+    from the loaded model), read without loading its weights; None when it keeps none. ModelError naming the file
+    when its meta.json cannot be read."""
+    directory = Path(directory)
+    try:
+        captions = read_meta(directory).get("captions")
+    except (ValueError, OSError, MedvlError) as err:
+        raise ModelError(f"{directory}: cannot read model files ({META_FILE}: {err.__class__.__name__}: {err})") \
+            from None
+    return captions or None
+
+
 def read_meta(directory: Path, required: bool = False) -> dict[str, Any]:
     """``directory/meta.json`` as a dict ({} when absent and not ``required``); ModelError naming the file when it
     is not a JSON object, or when its ``heads`` (column -> class names), ``view_projection`` (a width) or

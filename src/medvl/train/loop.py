@@ -101,7 +101,8 @@ class TrainConfig:
     batch_size: int = 64  # records per forward pass
     grad_accum: int = 1  # forward passes per optimizer step
     lr: float = 1e-3  # peak learning rate (image tower, heads, projections)
-    text_lr: float | None = None  # text tower peak lr; default lr for random init, lr/20 if pretrained
+    text_lr: float | None = None  # text tower peak lr; None: lr for random init, lr/20 if pretrained (train_config.json
+    # records the value used as text_lr_used)
     weight_decay: float = 0.05  # AdamW decoupled weight decay (not on norms, biases, temperature)
     warmup_fraction: float = 0.05  # share of the optimizer steps with linear warmup
     seed: int = 0  # seeds data order and augmentation; the model's own init is create_model(NAME, seed=...)'s, which
@@ -755,10 +756,7 @@ class ContrastiveObjective:
         return nt_xent_loss(first, other, config.self_supervised_temperature)
 
     def param_groups(self, config: TrainConfig) -> list[dict[str, Any]]:
-        text_lr = config.text_lr
-        if text_lr is None:
-            text_lr = config.lr / 20 if self.model.config.text.kind == "pretrained" else config.lr
-        return param_groups(self.model, config, {"text_encoder.": text_lr})
+        return param_groups(self.model, config, {"text_encoder.": text_learning_rate(self.model, config)})
 
     def log_extra(self) -> dict[str, float]:
         return {"temperature": float(1 / self.model.logit_scale.detach().exp())}
@@ -950,6 +948,9 @@ class _Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: _phased_warmup_cosine(s, self.pretraining_steps, main_steps,
                                                             config.warmup_fraction))
+        text_lr = trained_text_lr(objective.model, config)
+        self.text_group = None if text_lr in (None, config.lr) else next(  # its groups all follow one schedule
+            (i for i, group in enumerate(self.optimizer.param_groups) if group["initial_lr"] == text_lr), None)
         self.step, self.batch_index = 0, 0
         self.average = WeightAverage(objective.model, config.ema_decay) if config.ema_decay else None
         if state is not None:
@@ -1050,7 +1051,7 @@ class _Run:
         self._check_learning()
         if self.average is not None:
             self.average.update(self.model)
-        lr = float(self.scheduler.get_last_lr()[0])  # the learning rate this step trained with (logged)
+        lrs = self._learning_rates()  # the learning rates this step trained with (logged)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -1058,7 +1059,7 @@ class _Run:
         if self.step % self.config.log_every == 0 or self.step == self.total_steps:
             # every rank takes part: under torchrun a supervised term is this rank's shard only until averaged
             self._log(distributed.mean_over_ranks({k: sum(d[k] for d in losses) / len(losses) for k in losses[0]}),
-                      full, lr)
+                      full, lrs)
         if epoch_done:
             self._end_epoch()
         elif self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
@@ -1119,14 +1120,23 @@ class _Run:
             return self.objective.pretraining_losses(indices, seed)  # type: ignore[attr-defined]
         return self.objective.losses(indices, seed)
 
-    def _log(self, losses: dict[str, float], full_batch: bool, lr: float) -> None:
+    def _learning_rates(self) -> dict[str, float]:
+        """``lr``: the first parameter group's learning rate at this step; ``text_lr``: the text tower's, when it
+        trains at another peak than ``lr`` (a pretrained tower: lr / 20 unless text_lr is set)."""
+        last = self.scheduler.get_last_lr()
+        rates = {"lr": float(last[0])}
+        if self.text_group is not None:
+            rates[TEXT_LR_LOGGED] = float(last[self.text_group])
+        return rates
+
+    def _log(self, losses: dict[str, float], full_batch: bool, lrs: dict[str, float]) -> None:
         """One metrics line: the losses of this step's batch (``full_batch`` false for an epoch's short last
         batch, whose contrastive loss is over fewer candidates and so on a lower scale: plots leave it out) and
-        the learning rate ``lr`` it trained with."""
+        the learning rates ``lrs`` it trained with (``_learning_rates``)."""
         if not distributed.is_main():
             return
         line = {"step": self.step, "epoch": self.batch_index / self.batches_per_epoch,
-                "lr": lr, **self.objective.log_extra(), **losses,
+                **lrs, **self.objective.log_extra(), **losses,
                 "full_batch": full_batch}
         _append_jsonl(self.out_dir / METRICS_FILE, line)
 
@@ -1254,6 +1264,9 @@ DATA_DIGESTS = {  # an objective's digest of its data -> what changed, when it d
     "questions_sha256": "the questions (a question, answer, split or image file changed since)",
 }
 DIGEST_PATHS = "digest_paths"  # "resolved": the run's DATA_DIGESTS are over the image files' resolved paths
+TEXT_LR_USED = "text_lr_used"  # in train_config.json: the text tower's peak learning rate (train.text_lr resolved;
+# not compared on --resume: it follows from train and model, which are)
+TEXT_LR_LOGGED = "text_lr"  # in metrics.jsonl, beside lr when the text tower trains at another learning rate
 ADDED_RUN_KEYS = (*DATA_DIGESTS, "vqa", "holdout", "captions", DIGEST_PATHS, "start")  # recorded since runs could
 # have started: compared when present
 
@@ -1267,7 +1280,11 @@ def run_settings(config: TrainConfig, objective: Objective) -> dict[str, Any]:
         described["data"] = str(Path(described["data"]).resolve())
     train = dataclasses.asdict(config)
     train["leave_out_images_of"] = _resolved_paths(train["leave_out_images_of"])  # question files, as the data
-    return {"train": train, "processes": distributed.world_size(), **described, DIGEST_PATHS: "resolved"}
+    settings = {"train": train, "processes": distributed.world_size(), **described, DIGEST_PATHS: "resolved"}
+    text_lr = trained_text_lr(objective.model, config)
+    if text_lr is not None:  # train.text_lr stays as given (None: the default), as the recipe and --resume read it
+        settings[TEXT_LR_USED] = text_lr
+    return settings
 
 
 def _resolved_paths(paths: Any) -> Any:
@@ -1297,7 +1314,8 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
     changed = []
     for key in sorted(set(earlier) | set(now)):
         before, after = earlier.get(key), now.get(key)
-        if key in ADDED_RUN_KEYS and key not in earlier:  # a run started before the key was recorded
+        if (key in ADDED_RUN_KEYS and key not in earlier) or key == TEXT_LR_USED:  # a run started before the key
+            # was recorded; a value derived from others
             continue
         if key in ("train", "vqa") and isinstance(before, dict) and isinstance(after, dict):
             changed += [f"{name} {before.get(name)!r} -> {after.get(name)!r}"
@@ -1622,6 +1640,27 @@ def _head_targets(model: DualEncoder, dataset: Dataset) -> dict[str, torch.Tenso
                              f"the model's head does not know ({classes})")
         targets[column] = torch.tensor([index[str(r.labels[column])] for r in dataset])
     return targets
+
+
+PRETRAINED_TEXT_LR_DIVISOR = 20  # a pretrained text tower's default peak lr is lr / 20: the lr of towers trained
+# from scratch would wash out what it learnt
+
+
+def text_learning_rate(model: Any, config: TrainConfig) -> float:
+    """The peak learning rate of ``model``'s text tower (``text_encoder``): ``text_lr`` if set, else ``lr / 20``
+    for a pretrained tower (all-minilm-l6-v2, a local Hugging Face folder), else ``lr``."""
+    if config.text_lr is not None:
+        return config.text_lr
+    return config.lr / PRETRAINED_TEXT_LR_DIVISOR if model.config.text.kind == "pretrained" else config.lr
+
+
+def trained_text_lr(model: Any, config: TrainConfig) -> float | None:
+    """``text_learning_rate`` when some parameter of the text tower trains; None for a frozen tower or a model
+    without one (a report generator)."""
+    text = getattr(model, "text_encoder", None)
+    if not isinstance(text, torch.nn.Module) or not any(param.requires_grad for param in text.parameters()):
+        return None
+    return text_learning_rate(model, config)
 
 
 def param_groups(model: torch.nn.Module, config: TrainConfig,

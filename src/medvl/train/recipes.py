@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from ..checks import check_number
+from ..data import CAPTION_SOURCES, caption_sources
 from ..data.captions import CaptionConfig
 from ..data.record import Dataset
 from ..errors import InputError, ModelError
 from ..models.config import Recipe, build_dataclass
-from ..models.dual import DualEncoder
+from ..models.dual import DualEncoder, saved_captions
 from ..models.registry import (
     check_no_overrides,
     check_overrides,
@@ -57,7 +58,8 @@ class RecipeSettings:
     model: str  # a registered name or a saved model folder
     train: TrainConfig  # the resolved training config (``label_columns`` [] = the dataset's own)
     model_overrides: dict[str, Any] = field(default_factory=dict)  # merged into a registered config
-    captions: CaptionSource = None  # caption file or config; None = the dataset's own, else generic
+    captions: CaptionSource = None  # caption file or config; None = the dataset's own, else a saved model's, else
+    # generic (``captions_for``)
     ensemble: int = 1  # benchmark: members trained with seeds seed .. seed + ensemble - 1, averaged
     test_time_views: list[list[float]] = field(default_factory=list)  # benchmark: [shift_x, shift_y, scale]
     # test-time views averaged with the plain image (``Recipe.test_time_views``)
@@ -247,6 +249,13 @@ def recipe_report(name: str) -> dict[str, Any]:
     recipe = recipe_of(name)
     return {"model": name, "about": recipe.about or "no recipe: TrainConfig's defaults",
             "train": dataclasses.asdict(settings.train), "model_overrides": settings.model_overrides,
-            "captions": recipe.captions or "the dataset's own, else generic templates",
+            "captions": recipe.captions or _caption_fallbacks(name),
             "benchmark": {"ensemble": settings.ensemble, "test_time_views": settings.test_time_views,
                           "operating_point": settings.operating_point}}
+
+
+def _caption_fallbacks(model: str) -> str:
+    """``captions_for``'s order for a run of ``model`` without a caption set, the data not known yet: the
+    dataset's own, else (a saved model folder trained with captions) the model's, else generic templates."""
+    trained_with = is_model_dir(model) and saved_captions(model) is not None
+    return ", else ".join(CAPTION_SOURCES[source] for source in caption_sources(None, None, trained_with))

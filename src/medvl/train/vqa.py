@@ -41,7 +41,7 @@ from ..models.vqa import (
     questions_cut,
     training_words,
 )
-from .loop import MODEL_DIR, TrainConfig, fit, param_groups, recorded_run, starting_weights
+from .loop import MODEL_DIR, TrainConfig, fit, param_groups, recorded_run, starting_weights, text_learning_rate
 
 log = logging.getLogger(__name__)
 
@@ -266,10 +266,7 @@ class VQAObjective:
         return parts
 
     def param_groups(self, config: TrainConfig) -> list[dict[str, Any]]:
-        text_lr = config.text_lr
-        if text_lr is None:
-            text_lr = config.lr / 20 if self.model.config.text.kind == "pretrained" else config.lr
-        return param_groups(self.model, config, {"text_encoder.": text_lr,
+        return param_groups(self.model, config, {"text_encoder.": text_learning_rate(self.model, config),
                                                  "image_encoder.": config.lr * self.options.image_lr_scale})
 
     def log_extra(self) -> dict[str, float]:
