@@ -818,19 +818,26 @@ def test_few_shot_sizes_a_class_cannot_fill_are_named_as_skipped(two_models, pha
 
 
 
-def test_an_ood_row_on_the_split_the_guard_was_calibrated_on_is_a_leak_flag(two_models, phantom_dir, tmp_path):
-    """A guard calibrated on the scored split set its threshold on those very images: the ood row is flagged."""
+def _ood_check_of_a_guard(model_dir, phantom_dir, tmp_path, *fit_options) -> dict:
+    """results.json of the ood check on the phantom's test split, for a copy of ``model_dir`` (tmp_path / "guarded")
+    given a guard by ``medvl ood fit`` with ``fit_options``."""
     model = tmp_path / "guarded"
-    shutil.copytree(two_models[0], model)
-    result, output = invoke("ood", "fit", "--model", model, "--data", phantom_dir, "--calibration-split", "test", "-q")
+    shutil.copytree(model_dir, model)
+    result, output = invoke("ood", "fit", "--model", model, "--data", phantom_dir, *fit_options, "-q")
     assert result.exit_code == 0, output
     spec = {"path": str(phantom_dir), "split": "test", "label": "finding"}
     suite = write_suite(tmp_path, phantom_dir, datasets={"phantom": spec}, checks=["ood"],
                         tasks=[{"task": "zero-shot", "dataset": "phantom"}])
     result, output = invoke("bench", "run", suite, "--model", model, "--out", tmp_path / "out", "-q")
     assert result.exit_code == 0, output
+    return json.loads((tmp_path / "out" / "results.json").read_text())
+
+
+def test_an_ood_row_on_the_split_the_guard_was_calibrated_on_is_a_leak_flag(two_models, phantom_dir, tmp_path):
+    """A guard calibrated on the scored split set its threshold on those very images: the ood row is flagged."""
+    results = _ood_check_of_a_guard(two_models[0], phantom_dir, tmp_path, "--calibration-split", "test")
     n_test = len(load_dataset(phantom_dir).select("test"))
-    flags = json.loads((tmp_path / "out" / "results.json").read_text())["flags"]
+    flags = results["flags"]
     assert (f"guarded / zero-shot@phantom / leak: the OOD guard was calibrated on split(s) test of this data: {n_test} "
             f"of the {n_test} scored records; the share it flags among them is not a test") in flags, flags
 
@@ -842,21 +849,12 @@ def test_the_ood_check_flags_only_a_share_significantly_above_what_the_guard_fla
     expected share (one-sided exact binomial), and both are stored."""
     from scipy.stats import binomtest
 
-    model = tmp_path / "guarded"
-    shutil.copytree(two_models[0], model)
-    result, output = invoke("ood", "fit", "--model", model, "--data", phantom_dir, "--split", "train",
-                            "--calibration-split", "val", "--quantile", "0.8", "-q")
-    assert result.exit_code == 0, output
-    spec = {"path": str(phantom_dir), "split": "test", "label": "finding"}
-    suite = write_suite(tmp_path, phantom_dir, datasets={"phantom": spec}, checks=["ood"],
-                        tasks=[{"task": "zero-shot", "dataset": "phantom"}])
-    result, output = invoke("bench", "run", suite, "--model", model, "--out", tmp_path / "out", "-q")
-    assert result.exit_code == 0, output
-    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    results = _ood_check_of_a_guard(two_models[0], phantom_dir, tmp_path, "--split", "train", "--calibration-split",
+                                    "val", "--quantile", "0.8")
     row = next(row for row in results["rows"] if row["metric"] == "ood: flagged share")
     from medvl.models.ood import OODGuard
 
-    expected = OODGuard.load(model).info["expected_flagged_share"]
+    expected = OODGuard.load(tmp_path / "guarded").info["expected_flagged_share"]
     assert row["expected_flagged_share"] == expected > 0.1
     flagged = round(row["value"] * row["n"])
     assert row["value"] > 0.05  # flagged by the old fixed 5 % rule
