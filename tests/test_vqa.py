@@ -544,33 +544,31 @@ def test_a_term_no_training_question_holds_counts_as_unknown_in_the_cli_eval_and
     result, output = invoke("vqa", image, "--model", trained, "--question", unseen, "--json", out)
     assert result.exit_code == 0, output
     assert json.loads(out.read_text())["unknown_words"] == 1 and "does not know" in output
-    copy = tmp_path / "vqa"
-    shutil.copytree(phantom / "vqa", copy)
-    questions = json.loads((copy / "test.json").read_text())
-    for entry in questions[:2]:
-        entry["question"] = unseen
-    (copy / "test.json").write_text(json.dumps(questions), encoding="utf-8")
-    scores = tmp_path / "scores.json"
-    result, output = invoke("eval", "vqa", "--model", trained, "--data", copy, "--split", "test", "--json", scores,
-                            "--quiet")
-    assert result.exit_code == 0, output
+    questions, scores, output = _eval_with_questions(trained, phantom, tmp_path, [unseen, unseen])
     expected = sum(model.unknown_words(entry["question"]) > 0 for entry in questions)
-    assert json.loads(scores.read_text())["questions_with_unknown_words"] == expected >= 2
+    assert scores["questions_with_unknown_words"] == expected >= 2
 
 
-def test_eval_counts_the_questions_with_no_word_the_model_knows(trained, phantom, tmp_path):
-    """medvl eval vqa scores such questions as read (a file is not refused for them), counted with a warning."""
+def _eval_with_questions(trained, phantom, tmp_path, first: list[str]) -> tuple[list[dict], dict, str]:
+    """``medvl eval vqa`` of the phantom's test questions with the first ones replaced by ``first``: the questions,
+    the JSON scores and the output."""
     copy = tmp_path / "vqa"
     shutil.copytree(phantom / "vqa", copy)
     questions = json.loads((copy / "test.json").read_text())
-    for entry, unread in zip(questions, ["☃ ☃ 你好", "?", "☃ ☃ 你好"], strict=False):
-        entry["question"] = unread
+    for entry, question in zip(questions, first, strict=False):
+        entry["question"] = question
     (copy / "test.json").write_text(json.dumps(questions), encoding="utf-8")
     out = tmp_path / "scores.json"
     result, output = invoke("eval", "vqa", "--model", trained, "--data", copy, "--split", "test", "--json", out,
                             "--quiet")
     assert result.exit_code == 0, output
-    assert json.loads(out.read_text())["questions_unread"] == 3
+    return questions, json.loads(out.read_text()), output
+
+
+def test_eval_counts_the_questions_with_no_word_the_model_knows(trained, phantom, tmp_path):
+    """medvl eval vqa scores such questions as read (a file is not refused for them), counted with a warning."""
+    questions, scores, output = _eval_with_questions(trained, phantom, tmp_path, ["☃ ☃ 你好", "?", "☃ ☃ 你好"])
+    assert scores["questions_unread"] == 3
     assert (f"3 of {len(questions)} scored questions have no word the model's question encoder knows"
             in " ".join(output.split())), output
     assert "☃" not in output
