@@ -258,8 +258,13 @@ def _broken_copy(hf_dir: Path, tmp_path: Path, remove: tuple[str, ...] = (), pro
     ({"remove": ("model.safetensors",)}, "no weights"),
     ({"remove": ("preprocessor_config.json",)}, "no processor config"),
     ({"remove": ("tokenizer.json", "tokenizer_config.json") + ("vocab.json", "merges.txt")}, "no tokenizer"),
-    ({"processor": {"image_mean": [0.5]}}, "image_mean must be 3 numbers"),
-    ({"processor": {"image_std": None}}, "image_std must be 3 numbers"),
+    ({"processor": {"image_mean": [0.5]}}, "image_mean must be 3 finite numbers"),
+    ({"processor": {"image_std": None}}, "image_std must be 3 finite numbers"),
+    # json writes and reads bare NaN / Infinity: every pixel, embedding and score was NaN, with exit 0
+    ({"processor": {"image_mean": [0.5, 0.5, float("nan")]}}, "image_mean must be 3 finite numbers"),
+    ({"processor": {"image_mean": [0.5, 0.5, float("inf")]}}, "image_mean must be 3 finite numbers"),
+    ({"processor": {"image_std": [0.27, 0.27, float("nan")]}}, "image_std must be 3 finite numbers"),
+    ({"processor": {"image_std": [0.27, "0.27", 0.27]}}, "image_std must be 3 finite numbers"),
     ({"processor": {"size": {"height": 48, "width": 48}, "crop_size": {"height": 48, "width": 48}}},
      "48x48 images but the model's vision_config.image_size is 32"),
 ])

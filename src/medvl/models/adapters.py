@@ -10,8 +10,8 @@ eval, index, search, predict and report drafts run on it unchanged. Nothing is d
 
 Preprocessing is read from ``preprocessor_config.json`` and checked against the model: the image
 the processor makes (``crop_size`` when it centre-crops, else ``size``) must be the square
-``vision_config.image_size``; ``image_mean`` / ``image_std`` must be written there, three values
-each (std > 0). Images are brought to what such models were trained on, 8-bit RGB: 8-bit images
+``vision_config.image_size``; ``image_mean`` / ``image_std`` must be written there, three finite
+numbers each (std > 0). Images are brought to what such models were trained on, 8-bit RGB: 8-bit images
 as they are, other images (16-bit, DICOM values) scaled by their own min-max to [0, 255];
 grayscale repeated to three channels, an alpha channel dropped. The folder's own image processor
 (its PIL backend) then resizes and crops; ``preprocessor.normalize`` rescales and applies the
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -361,10 +362,21 @@ def _side(size: Any, key: str, where: Path) -> tuple[int, int]:
 
 
 def _channels(values: Any, key: str, where: Path) -> tuple[float, ...]:
-    numbers = isinstance(values, list) and all(isinstance(v, int | float) for v in values)
-    if not numbers or len(values) != 3:
-        raise ModelError(f"{where}: {key} must be 3 numbers (R, G, B), got {values!r}")
+    """Three finite numbers: a NaN or an infinity (which json reads from bare ``NaN`` / ``Infinity``) would make
+    every pixel, and so every embedding and score, NaN."""
+    if not (isinstance(values, list) and len(values) == 3 and all(_finite(value) for value in values)):
+        raise ModelError(f"{where}: {key} must be 3 finite numbers (R, G, B), got {values!r}")
     return tuple(float(v) for v in values)
+
+
+def _finite(value: Any) -> bool:
+    """A finite int or float (not a bool, a string or a container)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # a whole number past float's range
+        return False
 
 
 def _load_tokenizer(directory: Path, text_config: Any) -> Any:
