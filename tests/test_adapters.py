@@ -265,6 +265,10 @@ def _broken_copy(hf_dir: Path, tmp_path: Path, remove: tuple[str, ...] = (), pro
     ({"processor": {"image_mean": [0.5, 0.5, float("inf")]}}, "image_mean must be 3 finite numbers"),
     ({"processor": {"image_std": [0.27, 0.27, float("nan")]}}, "image_std must be 3 finite numbers"),
     ({"processor": {"image_std": [0.27, "0.27", 0.27]}}, "image_std must be 3 finite numbers"),
+    # other numbers the processor applies: a traceback at the first image (ValueError, TypeError, OverflowError)
+    ({"processor": {"rescale_factor": "x"}}, "rescale_factor must be a positive finite number"),
+    ({"processor": {"rescale_factor": {}}}, "rescale_factor must be a positive finite number"),
+    ({"processor": {"size": {"shortest_edge": float("inf")}}}, "size.shortest_edge must be a whole number >= 1"),
     ({"processor": {"size": {"height": 48, "width": 48}, "crop_size": {"height": 48, "width": 48}}},
      "48x48 images but the model's vision_config.image_size is 32"),
 ])

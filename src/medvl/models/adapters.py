@@ -11,8 +11,9 @@ eval, index, search, predict and report drafts run on it unchanged. Nothing is d
 Preprocessing is read from ``preprocessor_config.json`` and checked against the model: the image
 the processor makes (``crop_size`` when it centre-crops, else ``size``) must be the square
 ``vision_config.image_size``; ``image_mean`` / ``image_std`` must be written there, three finite
-numbers each (std > 0). Images are brought to what such models were trained on, 8-bit RGB: 8-bit images
-as they are, other images (16-bit, DICOM values) scaled by their own min-max to [0, 255];
+numbers each (std > 0); ``rescale_factor`` a positive finite number and the sizes whole numbers.
+Images are brought to what such models were trained on, 8-bit RGB: 8-bit images as they are, other
+images (16-bit, DICOM values) scaled by their own min-max to [0, 255];
 grayscale repeated to three channels, an alpha channel dropped. The folder's own image processor
 (its PIL backend) then resizes and crops; ``preprocessor.normalize`` rescales and applies the
 mean/std, so the pixels equal the transformers processor's for the same 8-bit RGB image.
@@ -331,6 +332,7 @@ def processor_settings(directory: Path, written: dict[str, Any], image_processor
     where = directory / PROCESSOR_FILE
     if "size" not in written:
         raise ModelError(f"{where}: no size (the side the images are resized to)")
+    _check_sizes(image_processor, where)
     if getattr(image_processor, "do_center_crop", False):
         height, width = _side(image_processor.crop_size, "crop_size", where)
     elif image_processor.do_resize:
@@ -345,9 +347,28 @@ def processor_settings(directory: Path, written: dict[str, Any], image_processor
         mean, std = (_channels(written.get(key), key, where) for key in ("image_mean", "image_std"))
         if min(std) <= 0:
             raise ModelError(f"{where}: image_std must be > 0, got {list(std)}")
-    scale = float(image_processor.rescale_factor) * 255.0 if image_processor.do_rescale else 255.0
+    factor = image_processor.rescale_factor
+    if image_processor.do_rescale and not (_finite(factor) and factor > 0):
+        raise ModelError(f"{where}: rescale_factor must be a positive finite number (1/255 for 8-bit images), "
+                         f"got {factor!r}")
+    scale = float(factor) * 255.0 if image_processor.do_rescale else 255.0
     return ProcessorSettings(image_size=image_size, input_scale=1.0 if abs(scale - 1.0) < 1e-9 else scale,
                              mean=mean, std=std)
+
+
+def _check_sizes(image_processor: Any, where: Path) -> None:
+    """Every number of the size entries the processor uses a whole number >= 1: an Infinity or 40.5 there loads
+    and fails (OverflowError, TypeError) at the first image."""
+    for key, used in (("size", image_processor.do_resize), ("crop_size", getattr(image_processor, "do_center_crop",
+                                                                                  False))):
+        size = getattr(image_processor, key, None)
+        if not used or size is None:
+            continue
+        entries = dict(size) if hasattr(size, "get") else {"": size}  # a dict or SizeDict, or a bare number
+        for name, value in entries.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ModelError(f"{where}: {key}{'.' + name if name else ''} must be a whole number >= 1, "
+                                 f"got {value!r}")
 
 
 def _side(size: Any, key: str, where: Path) -> tuple[int, int]:
