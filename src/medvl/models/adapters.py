@@ -51,7 +51,7 @@ from torch import nn
 
 from ..data.images import read_image_2d
 from ..data.record import ImageSource
-from ..errors import DataError, ModelError
+from ..errors import DataError, ModelError, one_line
 from ..io import read_json
 from .config import ImageConfig, ModelConfig, TextConfig
 from .dual import CONFIG_FILE, DualEncoder, non_finite_tensors
@@ -69,6 +69,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "voc
                    "tokenizer.model")
 # buffers (not learned weights) that older checkpoints carry and newer transformers no longer keep
 HARMLESS_UNUSED = ("position_ids", "num_batches_tracked", "inv_freq")
+# tokenized at load: words and characters no small vocabulary holds, so that the unknown token is needed
+TOKENIZER_PROBE = "medvl tokenizer check: qzxjv 3.5 mm, Ø ± µ ⍰."
 UNHASHED_KEYS = ("transformers_version", "dtype", "torch_dtype")  # vary with the saving library, not the model
 
 
@@ -411,12 +413,38 @@ def _load_tokenizer(directory: Path, text_config: Any) -> Any:
     if tokenizer.pad_token is None:
         raise ModelError(f"{directory}: the tokenizer has no padding token")
     _right_sided(tokenizer)
+    _check_tokenizer_runs(directory, tokenizer, text_config)
     eos = getattr(text_config, "eos_token_id", None)
     # CLIP pools the first end-of-text token, unless eos_token_id is 2 (older configs: the largest id)
     if text_config.model_type == "clip_text_model" and eos not in (None, 2) and tokenizer.eos_token_id != eos:
         raise ModelError(f"{directory}: the tokenizer's end-of-text id {tokenizer.eos_token_id} differs from "
                          f"text_config.eos_token_id {eos}")
     return tokenizer
+
+
+def _check_tokenizer_runs(directory: Path, tokenizer: Any, text_config: Any) -> None:
+    """Tokenize a probe text at load, padded as ``embed_texts`` pads, and check every id it gives and the padding
+    id against ``text_config.vocab_size``. Tokenizer files can load and fail only at the first text: a
+    tokenizer.json post-processor naming a token it does not define (a Rust panic, pyo3's ``PanicException``,
+    which is no ``Exception``), a WordLevel vocabulary without its unknown token; a padding token outside the
+    vocabulary is added past the model's embedding table (an IndexError in the text tower)."""
+    siglip = text_config.model_type == "siglip_text_model"
+    try:
+        ids = tokenizer([TOKENIZER_PROBE], padding="max_length" if siglip else True, truncation=True,
+                        max_length=int(text_config.max_position_embeddings))["input_ids"][0]
+    except BaseException as err:
+        if not (isinstance(err, Exception) or type(err).__name__ == "PanicException"):
+            raise  # KeyboardInterrupt, SystemExit
+        raise ModelError(f"{directory}: the tokenizer loads but cannot tokenize a text ({one_line(err)})") from None
+    vocab_size = int(text_config.vocab_size)
+    if not 0 <= tokenizer.pad_token_id < vocab_size:
+        raise ModelError(f"{directory}: the tokenizer's padding token {tokenizer.pad_token!r} has id "
+                         f"{tokenizer.pad_token_id}, outside the model's vocabulary (text_config.vocab_size "
+                         f"{vocab_size}); the folder's tokenizer does not fit its model")
+    outside = [token for token in ids if not 0 <= token < vocab_size]
+    if outside:
+        raise ModelError(f"{directory}: the tokenizer gives token id {outside[0]}, outside the model's vocabulary "
+                         f"(text_config.vocab_size {vocab_size}); the folder's tokenizer does not fit its model")
 
 
 def _right_sided(tokenizer: Any) -> None:
