@@ -313,6 +313,14 @@ NPZ_CASES = [
     Case("npz-fractional-label", _npz(train_images=np.zeros((2, 4, 4)), train_labels=np.array([0.5, 1.0])),
          "integer class indices"),
     Case("npz-label-count", _npz(train_images=np.zeros((2, 4, 4)), train_labels=np.arange(3)), "3 rows"),
+    # multi-label arrays of text or dates: a ValueError traceback ('yes'), or read as 0/1 ('1', datetime64)
+    *[Case(f"npz-multi-label-{kind}", _npz(train_images=np.zeros((2, 4, 4)), train_labels=labels),
+           r"'train_labels' has shape \(2, 2\): a multi-label array must hold 0/1 numbers \(or NaN for missing\), "
+           + re.escape(f"got {labels.dtype}"))
+      for kind, labels in (("text", np.array([["yes", "no"], ["no", "yes"]])),
+                           ("digits-as-text", np.array([["1", "0"], ["0", "1"]])),
+                           ("datetime", np.zeros((2, 2), "datetime64[s]")),
+                           ("complex", np.zeros((2, 2), np.complex64)))],
 ]
 
 
