@@ -258,8 +258,17 @@ def _broken_copy(hf_dir: Path, tmp_path: Path, remove: tuple[str, ...] = (), pro
     ({"remove": ("model.safetensors",)}, "no weights"),
     ({"remove": ("preprocessor_config.json",)}, "no processor config"),
     ({"remove": ("tokenizer.json", "tokenizer_config.json") + ("vocab.json", "merges.txt")}, "no tokenizer"),
-    ({"processor": {"image_mean": [0.5]}}, "image_mean must be 3 numbers"),
-    ({"processor": {"image_std": None}}, "image_std must be 3 numbers"),
+    ({"processor": {"image_mean": [0.5]}}, "image_mean must be 3 finite numbers"),
+    ({"processor": {"image_std": None}}, "image_std must be 3 finite numbers"),
+    # json writes and reads bare NaN / Infinity: every pixel, embedding and score was NaN, with exit 0
+    ({"processor": {"image_mean": [0.5, 0.5, float("nan")]}}, "image_mean must be 3 finite numbers"),
+    ({"processor": {"image_mean": [0.5, 0.5, float("inf")]}}, "image_mean must be 3 finite numbers"),
+    ({"processor": {"image_std": [0.27, 0.27, float("nan")]}}, "image_std must be 3 finite numbers"),
+    ({"processor": {"image_std": [0.27, "0.27", 0.27]}}, "image_std must be 3 finite numbers"),
+    # other numbers the processor applies: a traceback at the first image (ValueError, TypeError, OverflowError)
+    ({"processor": {"rescale_factor": "x"}}, "rescale_factor must be a positive finite number"),
+    ({"processor": {"rescale_factor": {}}}, "rescale_factor must be a positive finite number"),
+    ({"processor": {"size": {"shortest_edge": float("inf")}}}, "size.shortest_edge must be a whole number >= 1"),
     ({"processor": {"size": {"height": 48, "width": 48}, "crop_size": {"height": 48, "width": 48}}},
      "48x48 images but the model's vision_config.image_size is 32"),
 ])
@@ -318,6 +327,39 @@ def test_a_clip_tokenizer_with_another_end_token_is_a_clear_error(tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelError, match="end-of-text id 1 differs from text_config.eos_token_id 5"):
         load_model(folder)
+
+
+@pytest.fixture(scope="module")
+def siglip_dir(tmp_path_factory) -> Path:
+    return save_siglip(tmp_path_factory.mktemp("siglip") / "tiny-siglip")
+
+
+def _post_processor_names_an_undefined_token(files: dict) -> None:
+    files["tokenizer.json"]["post_processor"]["single"][1]["SpecialToken"]["id"] = "x"
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    # the Rust tokenizer panics: pyo3's PanicException is a BaseException that no `except Exception` caught
+    (_post_processor_names_an_undefined_token, r"cannot tokenize a text \(PanicException: no entry found"),
+    (lambda files: files["tokenizer.json"]["model"]["vocab"].pop("<unk>"),
+     r"cannot tokenize a text \(Exception: WordLevel error: Missing \[UNK\]"),
+    # added as a new token past vocab_size: SigLIP pads every text with it (IndexError in the embedding)
+    (lambda files: files["tokenizer_config.json"].update(pad_token="zzz"),
+     r"padding token 'zzz' has id 25, outside the model's vocabulary \(text_config.vocab_size 25\)"),
+])
+def test_tokenizer_files_that_load_but_cannot_tokenize_are_refused_at_load(siglip_dir, phantom, tmp_path, change,
+                                                                           message):
+    folder = tmp_path / "tokenizer"
+    shutil.copytree(siglip_dir, folder)
+    files = {name: json.loads((folder / name).read_text()) for name in ("tokenizer.json", "tokenizer_config.json")}
+    change(files)
+    for name, content in files.items():
+        (folder / name).write_text(json.dumps(content))
+    with pytest.raises(ModelError, match=message) as error:
+        load_model(folder)
+    assert str(error.value).startswith(f"{folder}: the tokenizer") and "\n" not in str(error.value)
+    result, output = invoke("predict", "--model", folder, _images(phantom, 1)[0], "--labels", "nodule,normal")
+    assert result.exit_code == 2 and "the tokenizer" in output and "Traceback" not in output
 
 
 def test_a_tokenizer_saved_padding_on_the_left_embeds_as_on_the_right_whatever_the_batch(hf_dir, tmp_path):

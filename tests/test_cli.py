@@ -58,6 +58,8 @@ def test_phantom_command_writes_a_loadable_manifest(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--n", 0], "--n must be an integer >= 1, got 0"),
+    # past C's long: an OverflowError traceback from the split assignment
+    (["--n", "99999999999999999999"], "--n must be <= 1000000, got 99999999999999999999"),
     (["--extra-finding-prob", 2], "--extra-finding-prob must be in [0, 1], got 2.0"),
     (["--shortcut", 2], "--shortcut must be <= 1, got 2.0"),
     (["--vqa", "--vqa-per-case", 0], "--vqa-per-case must be >= 1, got 0"),

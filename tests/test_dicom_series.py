@@ -720,6 +720,61 @@ def test_a_slice_off_the_stacks_line_is_refused_and_a_gantry_tilt_is_named_in_a_
     assert "tilt" not in caplog.text
 
 
+def _set_geometry(position: tuple | None = None, orientation: tuple | None = None, slice_index: int = 2):
+    """An ``extra`` for ``write_series``: one slice's Image Position (Patient), every slice's Orientation, as text
+    (DS values: "nan" and "inf" are what a writer puts there)."""
+    def extra(ds: Dataset, k: int) -> None:
+        if position is not None and k == slice_index:
+            ds.ImagePositionPatient = [str(v) for v in position]
+        if orientation is not None:
+            ds.ImageOrientationPatient = [str(v) for v in orientation]
+    return extra
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")  # pydicom's, on writing the "nan" / "inf" here
+@pytest.mark.parametrize(("geometry", "problem"), [
+    ({"position": (0, 0, "nan")}, r"Image Position \(Patient\) 0\\0\\nan is not finite"),
+    ({"position": (0, 0, "inf")}, r"Image Position \(Patient\) 0\\0\\inf is not finite"),  # was an OverflowError
+    ({"orientation": (1, 0, 0, 0, 1, "nan")}, r"Image Orientation \(Patient\) .*nan is not finite"),
+    # stacked with every gap 100 times too large: a 200 mm slice spacing for slices 2 mm apart
+    ({"orientation": (10, 0, 0, 0, 10, 0)}, r"Image Orientation \(Patient\) 10\\0\\0\\0\\10\\0"
+     r": its row and column direction cosines have lengths 10 and 10; DICOM requires unit vectors"),
+    ({"orientation": (0, 0, 0, 0, 0, 0)}, r"Image Orientation \(Patient\) [0\\]+"
+     r": its row and column direction cosines have lengths 0 and 0; DICOM requires unit vectors"),
+    ({"orientation": (1, 0, 0, 1, 0, 0)}, r"Image Orientation \(Patient\) 1\\0\\0\\1\\0\\0"
+     r": its row and column directions are 0 degrees apart; DICOM requires them orthogonal"),
+])
+def test_a_slice_geometry_dicom_does_not_allow_is_refused_naming_the_file(tmp_path, geometry, problem):
+    from medvl.data.loaders import load_dataset
+
+    paths = write_series(tmp_path / "ct", marked_volume((4, 4, 4)), spacing=(2.0, 0.8, 0.7), origin=(0, 0, 0),
+                         extra=_set_geometry(**geometry))
+    named = re.escape(str(paths[2])) if "position" in geometry else r".*/slice_00\d\.dcm"
+    with pytest.raises(DataError, match=rf"^{named}: {problem}"):
+        load_volume(tmp_path / "ct")
+    with pytest.raises(DataError, match=rf"^{named}: {problem}"):
+        load_dataset(tmp_path / "ct")
+
+
+def test_direction_cosines_rounded_by_the_writer_are_normalised(tmp_path):
+    """Within rounding of unit length (0.9995) the orientation is normalised: the slice spacing along the normal
+    stays the distance between the slices, not 0.999 of it."""
+    paths = write_series(tmp_path / "ct", marked_volume((4, 4, 4)), spacing=(2.0, 0.8, 0.7), origin=(0, 0, 0),
+                         extra=_set_geometry(orientation=(0.9995, 0, 0, 0, 0.9995, 0)))
+    volume, spacing = load_volume(paths[0].parent)
+    assert volume.shape == (4, 4, 4) and spacing == pytest.approx((2.0, 0.8, 0.7), abs=1e-9)
+
+
+def test_an_enhanced_multiframe_file_with_unnormalised_direction_cosines_is_refused(tmp_path):
+    ds = pydicom.dcmread(get_testdata_file("eCT_Supplemental.dcm"))
+    plane = ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
+    plane.ImageOrientationPatient = [str(10 * float(v)) for v in plane.ImageOrientationPatient]
+    (tmp_path / "ect").mkdir()
+    ds.save_as(tmp_path / "ect" / "ect.dcm")
+    with pytest.raises(DataError, match=r"ect.dcm: frame 1: Image Orientation .* lengths 10 and 10; DICOM requires"):
+        load_volume(tmp_path / "ect")
+
+
 def test_hidden_files_such_as_macos_appledouble_files_are_skipped(tmp_path):
     from cli_helpers import invoke
     from medvl.clinical.deid import deidentify

@@ -168,6 +168,29 @@ def test_commands_that_train_and_then_score_are_refused_under_torchrun(command, 
     assert result.exit_code == 2 and "RANK, MASTER_ADDR, MASTER_PORT are not set" in output, output
 
 
+@pytest.mark.parametrize(("variables", "said"), [
+    ({"WORLD_SIZE": ""}, "error: WORLD_SIZE must be a whole number, got ''"),  # an `export WORLD_SIZE=` left behind
+    ({"WORLD_SIZE": "abc"}, "error: WORLD_SIZE must be a whole number, got 'abc'"),
+    ({"WORLD_SIZE": "1.5"}, "error: WORLD_SIZE must be a whole number, got '1.5'"),
+    ({"WORLD_SIZE": "2", "RANK": "x", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
+     "error: RANK must be a whole number, got 'x'"),
+    ({"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
+     "error: RANK must be 0 to 1 (WORLD_SIZE is 2), got '2'"),
+])
+def test_torchrun_variables_that_are_not_whole_numbers_are_one_line_errors(variables, said, phantom_dir, tmp_path,
+                                                                           monkeypatch):
+    """``init_from_env`` read WORLD_SIZE with a bare int(): an empty one was a ValueError traceback from medvl train
+    (while requested_world_size, reading the same variable, took it for 1)."""
+    from cli_helpers import invoke
+
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    result, output = invoke("train", "--data", phantom_dir, "--out", tmp_path / "train", "--model", "phantom-tiny",
+                            "--epochs", 1, "-q")
+    assert result.exit_code == 2 and said in output and "Traceback" not in output, output
+    assert not (tmp_path / "train").exists()
+
+
 def test_a_batch_too_small_to_shard_is_refused_on_every_rank(tmp_path):
     """A global batch is cut into one shard per process: a --batch-size below 2 per process is refused before
     training, one line per rank (a batch of 2 on 3 processes gave one rank an empty shard: a MONAI traceback)."""

@@ -313,6 +313,14 @@ NPZ_CASES = [
     Case("npz-fractional-label", _npz(train_images=np.zeros((2, 4, 4)), train_labels=np.array([0.5, 1.0])),
          "integer class indices"),
     Case("npz-label-count", _npz(train_images=np.zeros((2, 4, 4)), train_labels=np.arange(3)), "3 rows"),
+    # multi-label arrays of text or dates: a ValueError traceback ('yes'), or read as 0/1 ('1', datetime64)
+    *[Case(f"npz-multi-label-{kind}", _npz(train_images=np.zeros((2, 4, 4)), train_labels=labels),
+           r"'train_labels' has shape \(2, 2\): a multi-label array must hold 0/1 numbers \(or NaN for missing\), "
+           + re.escape(f"got {labels.dtype}"))
+      for kind, labels in (("text", np.array([["yes", "no"], ["no", "yes"]])),
+                           ("digits-as-text", np.array([["1", "0"], ["0", "1"]])),
+                           ("datetime", np.zeros((2, 2), "datetime64[s]")),
+                           ("complex", np.zeros((2, 2), np.complex64)))],
 ]
 
 
@@ -550,6 +558,30 @@ def _ztxt_bomb() -> bytes:
     return png[:33] + chunk + png[33:]
 
 
+def _tiff_second_frame_without_dimensions() -> bytes:
+    """A 2-frame TIFF whose second IFD lost ImageWidth / ImageLength (tags renumbered): Pillow counting the frames
+    raised TypeError("Missing dimensions"), outside the errors the reader turned into a DataError."""
+    stream = io.BytesIO()
+    frames = [Image.new("L", (40, 32), color=value) for value in (10, 200)]
+    frames[0].save(stream, "TIFF", save_all=True, append_images=frames[1:])
+    data = bytearray(stream.getvalue())
+    first = struct.unpack_from("<I", data, 4)[0]
+    second = struct.unpack_from("<I", data, first + 2 + 12 * struct.unpack_from("<H", data, first)[0])[0]
+    for entry in range(struct.unpack_from("<H", data, second)[0]):
+        at = second + 2 + 12 * entry
+        if struct.unpack_from("<H", data, at)[0] in (256, 257):
+            struct.pack_into("<H", data, at, 65000)
+    return bytes(data)
+
+
+def _gif_with_a_frame_cut_off() -> bytes:
+    """A GIF (named .png: Pillow reads by content) whose trailer gave way to a second frame's image descriptor and
+    nothing after it: Pillow counting the frames raised IndexError."""
+    stream = io.BytesIO()
+    Image.new("L", (40, 32), color=90).save(stream, "GIF")
+    return stream.getvalue()[:-1] + b"," + struct.pack("<HHHHB", 0, 0, 40, 32, 0)
+
+
 NAN_IMAGE = np.where(np.eye(8) > 0, np.nan, 0.25).astype(np.float32)
 
 IMAGE_CASES = [
@@ -564,6 +596,10 @@ IMAGE_CASES = [
          r"image too large: 12000 x 9000 pixels \(limit 100,000,000 pixels\)"),
     Case("png-pillow-bomb", lambda folder: png_declaring(folder / "x.png", 100_000, 100_000), "image too large"),
     Case("png-ztxt-bomb", _image("x.png", _ztxt_bomb), "corrupt or truncated image"),
+    Case("tiff-frame-without-dimensions", _image("x.tif", _tiff_second_frame_without_dimensions),
+         r"corrupt or truncated image \(TypeError: Missing dimensions\)"),
+    Case("gif-as-png-frame-cut-off", _image("x.png", _gif_with_a_frame_cut_off),
+         r"corrupt or truncated image \(IndexError: "),
     Case("npy-object", _array_file("x.npy", np.array([[None, 1]], dtype=object)), "not a readable .npy array"),
     Case("npy-1d", _array_file("x.npy", np.zeros(16)), r"expected an HxW or HxWx3 array, got shape \(16,\)"),
     Case("npy-nan", _array_file("x.npy", NAN_IMAGE), "8 pixel values are NaN or infinite"),

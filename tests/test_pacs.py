@@ -1116,6 +1116,25 @@ def test_search_limit_below_one_is_refused_on_both_transports(limit):
             client.search_studies({"PatientID": "x"}, limit=limit)
 
 
+@pytest.mark.parametrize(("timeout", "problem"), [
+    ("nan", "--timeout must be a finite number, got nan"),  # was a ValueError from socket.settimeout
+    ("inf", "--timeout must be a finite number, got inf"),  # was an OverflowError (time_t)
+    ("1e400", "--timeout must be a finite number, got inf"),
+    ("1e20", "--timeout must be <= 86400, got 1e+20"),
+    ("0", "--timeout must be > 0, got 0.0"),
+])
+def test_a_timeout_that_is_not_finite_seconds_above_zero_is_refused_on_both_transports(tmp_path, timeout, problem):
+    pytest.importorskip("pynetdicom")
+    port = free_port()
+    for url in (f"http://127.0.0.1:{port}/dicom-web", f"dicom://PACS@127.0.0.1:{port}"):
+        for command in (("search",), ("pull", "--study", "1.2.3", "--out", tmp_path / "out"), ("echo",)):
+            if command == ("echo",) and url.startswith("http"):
+                continue  # C-ECHO is DIMSE only
+            result, output = invoke("pacs", *command, "--url", url, "--timeout", timeout)
+            assert result.exit_code == 2 and problem in output and "Traceback" not in output, (url, command, output)
+            assert not (tmp_path / "out").exists()
+
+
 def test_cli_search_refuses_bad_filters_dates_and_limits_with_one_line(tmp_path):
     pytest.importorskip("pynetdicom")
     port = free_port()

@@ -90,9 +90,9 @@ def models_command(
 def phantom_command(
     out: Annotated[Path, typer.Argument(help="Folder to write (must not exist or be empty).")],
     n: Annotated[int, typer.Option(
-        help="Number of images. A case's image and report do not depend on it, its split does: phantoms of one "
-             "seed and different --n share patients across train and test; train and score on one --n "
-             "(medvl audit --against shows the overlap).")] = 1000,
+        help="Number of images (1 to 1,000,000). A case's image and report do not depend on it, its split does: "
+             "phantoms of one seed and different --n share patients across train and test; train and score on one "
+             "--n (medvl audit --against shows the overlap).")] = 1000,
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same data.")] = 0,
     size: Annotated[int | None, typer.Option(
         help="Image side in pixels (default 128 for cxr2d; voxels a side, default 64, for ct3d).")] = None,

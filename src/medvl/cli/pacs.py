@@ -31,7 +31,8 @@ PasswordOption = Annotated[str | None, typer.Option(
     help="Password for HTTP basic auth (better: the MEDVL_PACS_PASSWORD variable).", envvar="MEDVL_PACS_PASSWORD")]
 TokenOption = Annotated[str | None, typer.Option(
     help="Bearer token (better: the MEDVL_PACS_TOKEN variable).", envvar="MEDVL_PACS_TOKEN")]
-TimeoutOption = Annotated[float, typer.Option(help="Seconds to wait for the server to connect or send data.")]
+TimeoutOption = Annotated[float, typer.Option(
+    help="Seconds to wait for the server to connect or send data (> 0, at most 86400).")]
 CallingAetOption = Annotated[str | None, typer.Option(
     help="DIMSE: our AE title, as the PACS knows it (default MEDVL).", envvar="MEDVL_PACS_CALLING_AET")]
 RetrieveOption = Annotated[str | None, typer.Option(

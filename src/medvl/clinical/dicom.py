@@ -74,6 +74,10 @@ MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR
 DEFLATED = "1.2.840.10008.1.2.1.99"
 UNDEFINED_LENGTH = 0xFFFFFFFF
 SAME_ORIENTATION_ATOL = 1e-3  # direction cosines this close: slices share one plane orientation
+# Image Orientation (Patient)'s row and column direction cosines are unit vectors at right angles (PS3.3
+# C.7.6.2.1.1: each one's dot product with itself unity, theirs zero); within this (lengths, cosine of the angle
+# between them: values rounded by the writer) they are normalised, beyond it refused
+UNIT_ORIENTATION_TOL = 1e-3
 # pixel spacings this close (relative): one pixel grid (writers round the DS values differently)
 SAME_SPACING_RTOL = 1e-3
 MIN_SLICE_GAP_MM = 1e-4  # slices closer than this along the normal share a position
@@ -1298,7 +1302,39 @@ def _slice_geometry(path: Path, ds) -> tuple[np.ndarray, np.ndarray]:
     position, orientation = plane_geometry(ds)
     if position is None or orientation is None:
         raise DataError(path, "no Image Position / Orientation (Patient): cannot place the slice in a volume")
-    return position, orientation
+    return placed(path, position, orientation)
+
+
+def placed(path: str | Path, position: np.ndarray, orientation: np.ndarray,
+           what: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """A slice's (or ``what``: a frame's) Image Position (Patient) and its Image Orientation (Patient) normalised,
+    checked before they place it in a volume: both finite, the row and column direction cosines unit vectors at
+    right angles as DICOM requires (PS3.3 C.7.6.2.1.1), within ``UNIT_ORIENTATION_TOL`` (rounding). A DataError
+    naming the file otherwise: vectors of length 10 made every slice gap, and the slice spacing, 100 times too
+    large; an infinite position ended in an OverflowError."""
+    prefix = f"{what}: " if what else ""
+    for name, values in (("Position", position), ("Orientation", orientation)):
+        if not np.all(np.isfinite(values)):
+            raise DataError(path, f"{prefix}Image {name} (Patient) {_numbers_text(values)} is not finite: cannot "
+                                  "place the slice in a volume")
+    row, col = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
+    lengths = float(np.linalg.norm(row)), float(np.linalg.norm(col))
+    if max(abs(length - 1.0) for length in lengths) > UNIT_ORIENTATION_TOL:
+        raise DataError(path, f"{prefix}Image Orientation (Patient) {_numbers_text(orientation)}: its row and column "
+                              f"direction cosines have lengths {lengths[0]:.4g} and {lengths[1]:.4g}; DICOM requires "
+                              "unit vectors (PS3.3 C.7.6.2.1.1): cannot place the slice in a volume")
+    row, col = row / lengths[0], col / lengths[1]
+    cosine = float(np.dot(row, col))
+    if abs(cosine) > UNIT_ORIENTATION_TOL:
+        raise DataError(path, f"{prefix}Image Orientation (Patient) {_numbers_text(orientation)}: its row and column "
+                              f"directions are {math.degrees(math.acos(max(-1.0, min(1.0, cosine)))):.4g} degrees "
+                              "apart; DICOM requires them orthogonal (PS3.3 C.7.6.2.1.1): cannot place the slice in "
+                              "a volume")
+    return np.asarray(position, float), np.concatenate([row, col])
+
+
+def _numbers_text(values: Sequence[float] | np.ndarray) -> str:
+    return "\\".join(f"{value:.6g}" for value in values)  # DICOM's multi-value separator
 
 
 def _volume_order(first: Path, orientation: np.ndarray, positions: Sequence[np.ndarray],
@@ -1452,7 +1488,7 @@ def multiframe_volume(path: Path, frames: np.ndarray) -> tuple[np.ndarray, tuple
     placement = frame_placement(ds, count)
     if count < 2 or frames.ndim != 3 or len(frames) != count or placement is None or not one_plane(placement[0]):
         return None
-    orientation, positions = placement[0][0], placement[1]
+    orientation, positions = _placed_frames(path, *placement)
     if slice_stack(orientation, positions)[2] is None:  # frames at one position (dynamic, cine): no volume to place
         return None
     spacing = one_pixel_spacing([path] * count, frame_pixel_spacings(ds, count), "frames", "frame") or [1.0, 1.0]
@@ -1478,6 +1514,15 @@ def frame_placement(ds, frames: int) -> tuple[list[np.ndarray], list[np.ndarray]
     return [np.asarray(o) for o in orientations], [np.asarray(p) for p in positions]
 
 
+def _placed_frames(path: Path, orientations: Sequence[np.ndarray],
+                   positions: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The frames' shared orientation (the first frame's, normalised) and their positions, each frame's checked
+    by ``placed``."""
+    checked = [placed(path, position, orientation, f"frame {n + 1}")
+               for n, (position, orientation) in enumerate(zip(positions, orientations, strict=True))]
+    return checked[0][1], [position for position, _ in checked]
+
+
 def one_plane(orientations: Sequence[np.ndarray]) -> bool:
     """Whether every Image Orientation (Patient) is the first one's plane (``same_plane``): slices or frames in
     several planes (a multi-plane localizer) are not one volume."""
@@ -1499,7 +1544,7 @@ def _volume_from_multiframe(path: Path, window: WindowSpec | None) -> tuple[np.n
         other = next(n for n, orientation in enumerate(orientations) if not same_plane(orientation, orientations[0]))
         raise DataError(path, f"frames in different orientations (frame {other + 1}'s plane differs from frame 1's, "
                               "as in a multi-plane localizer): not one volume, cannot stack")
-    orientation = orientations[0]
+    orientation, positions = _placed_frames(path, orientations, positions)
     spacing = one_pixel_spacing([path] * frames, frame_pixel_spacings(ds, frames), "frames", "frame")
     if not spacing:
         raise DataError(path, "no Pixel Spacing in the header")

@@ -60,6 +60,7 @@ from .pacs import (
     SERIES_FIELDS,
     STUDY_FIELDS,
     check_paging,
+    check_timeout,
     filter_vr,
     keyword_or_tag,
     search_filters,
@@ -145,8 +146,7 @@ class DimseClient:
                              f"knows it for AE title {self.calling_aet}")
         if move_port is not None and not 0 < int(move_port) < 65536:
             raise InputError(f"move port must be 1 to 65535, got {move_port}")
-        if timeout <= 0:
-            raise InputError(f"timeout must be positive seconds, got {timeout}")
+        check_timeout(timeout)
         self.retrieve, self.move_port, self.move_bind, self.timeout = retrieve, move_port, move_bind, float(timeout)
         self.url = f"dicom://{self.called_aet}@{self.host}:{self.port}"
         self._storage_server = None  # the C-MOVE storage SCP while the client is open

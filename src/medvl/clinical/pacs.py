@@ -68,6 +68,7 @@ WADO_ACCEPT_FALLBACK = 'multipart/related; type="application/dicom"'  # servers 
 SPOOL_BYTES = 64 << 20  # an instance larger than this is spooled to an unnamed temporary file
 CHUNK_BYTES = 1 << 16
 PAGE_SIZE = 1000  # QIDO-RS results asked for per request (servers may send fewer: see _all_pages)
+MAX_TIMEOUT_S = 86_400  # a day: a timeout of inf or NaN seconds failed in the socket layer with a traceback
 LIST_SEPARATOR = re.compile(r"[,\\]")  # between the values of a list filter (search_filters)
 QUERY_SAFE = "*?,^"  # DICOM matching characters sent unencoded in QIDO-RS values (see query_string)
 STRICT_SAFE = "*?,"  # the same as RFC 3986 allows them in a query (for a server refusing a bare "^")
@@ -156,8 +157,7 @@ class DicomWebClient:
             raise InputError("give either a user and password (basic auth) or a bearer token, not both")
         if password is not None and not username:
             raise InputError("a password needs a user name (--user)")
-        if timeout <= 0:
-            raise InputError(f"timeout must be positive seconds, got {timeout}")
+        check_timeout(timeout)
         self.timeout = timeout
         headers = {"User-Agent": "medvl-dicomweb", **({"Authorization": f"Bearer {token}"} if token else {})}
         self.session = httpx.Client(auth=httpx.BasicAuth(username, password or "") if username else None,
@@ -514,6 +514,12 @@ def _is_date(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def check_timeout(timeout: float) -> None:
+    """InputError unless ``timeout`` is seconds > 0 and at most ``MAX_TIMEOUT_S``, finite: the socket layer takes
+    NaN or an infinity (or 1e10 s) for a ValueError or OverflowError at the first connection."""
+    check_number("timeout", timeout, minimum=0, exclusive_minimum=True, maximum=MAX_TIMEOUT_S)
 
 
 def check_paging(limit: int | None, offset: int | None = None) -> None:

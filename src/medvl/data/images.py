@@ -33,7 +33,8 @@ import io
 import logging
 import tokenize
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -103,7 +104,8 @@ def _read_pil(source: Path | BinaryIO, name: str | Path) -> np.ndarray:
                 problem = _too_large(*img.size)
                 if problem:
                     raise DataError(name, problem)
-                frames = getattr(img, "n_frames", 1)  # multi-frame formats only (TIFF, GIF...)
+                with _damaged_frame(name):  # n_frames parses every frame
+                    frames = getattr(img, "n_frames", 1)  # multi-frame formats only (TIFF, GIF...)
                 if frames > 1 and img.format == "PNG":
                     # a browser shows the animation, which need not hold the default image Pillow decodes: the
                     # reading page would show one picture and the model read another
@@ -114,7 +116,8 @@ def _read_pil(source: Path | BinaryIO, name: str | Path) -> np.ndarray:
                     log.warning("an image of %d frames (a multi-frame TIFF or GIF): reading the first only", frames)
                 rawmode = str(getattr(getattr(img, "png", None), "im_rawmode", ""))
                 gray_alpha_16 = rawmode.startswith("LA;16")
-                img.load()
+                with _damaged_frame(name):
+                    img.load()
                 # upright as every viewer shows it (the reading page's browser too): a camera or phone JPEG
                 # stores its pixels sideways with an EXIF Orientation tag
                 upright = ImageOps.exif_transpose(img)
@@ -133,6 +136,18 @@ def _read_pil(source: Path | BinaryIO, name: str | Path) -> np.ndarray:
         raise DataError(name, "not a recognised image file (corrupt or wrong format)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise DataError(name, f"corrupt or truncated image ({error})") from None
+
+
+@contextmanager
+def _damaged_frame(name: str | Path) -> Iterator[None]:
+    """Pillow's errors for a damaged frame beyond the OSError / ValueError / EOFError of other damage, as a
+    ``DataError``: a TIFF frame (IFD) without its dimensions raises TypeError ("Missing dimensions"), a GIF frame
+    cut off IndexError. Only around Pillow's parsing and decoding, so that a TypeError of medvl's own is no
+    "corrupt image"."""
+    try:
+        yield
+    except (TypeError, IndexError) as error:
+        raise DataError(name, f"corrupt or truncated image ({type(error).__name__}: {error})") from None
 
 
 def _colour_16_high_bytes(source: Path | BinaryIO, name: str | Path, rawmode: str, high: np.ndarray) -> np.ndarray:

@@ -10,9 +10,10 @@ eval, index, search, predict and report drafts run on it unchanged. Nothing is d
 
 Preprocessing is read from ``preprocessor_config.json`` and checked against the model: the image
 the processor makes (``crop_size`` when it centre-crops, else ``size``) must be the square
-``vision_config.image_size``; ``image_mean`` / ``image_std`` must be written there, three values
-each (std > 0). Images are brought to what such models were trained on, 8-bit RGB: 8-bit images
-as they are, other images (16-bit, DICOM values) scaled by their own min-max to [0, 255];
+``vision_config.image_size``; ``image_mean`` / ``image_std`` must be written there, three finite
+numbers each (std > 0); ``rescale_factor`` a positive finite number and the sizes whole numbers.
+Images are brought to what such models were trained on, 8-bit RGB: 8-bit images as they are, other
+images (16-bit, DICOM values) scaled by their own min-max to [0, 255];
 grayscale repeated to three channels, an alpha channel dropped. The folder's own image processor
 (its PIL backend) then resizes and crops; ``preprocessor.normalize`` rescales and applies the
 mean/std, so the pixels equal the transformers processor's for the same 8-bit RGB image.
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -49,7 +51,7 @@ from torch import nn
 
 from ..data.images import read_image_2d
 from ..data.record import ImageSource
-from ..errors import DataError, ModelError
+from ..errors import DataError, ModelError, one_line
 from ..io import read_json
 from .config import ImageConfig, ModelConfig, TextConfig
 from .dual import CONFIG_FILE, DualEncoder, non_finite_tensors
@@ -67,6 +69,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "voc
                    "tokenizer.model")
 # buffers (not learned weights) that older checkpoints carry and newer transformers no longer keep
 HARMLESS_UNUSED = ("position_ids", "num_batches_tracked", "inv_freq")
+# tokenized at load: words and characters no small vocabulary holds, so that the unknown token is needed
+TOKENIZER_PROBE = "medvl tokenizer check: qzxjv 3.5 mm, Ø ± µ ⍰."
 UNHASHED_KEYS = ("transformers_version", "dtype", "torch_dtype")  # vary with the saving library, not the model
 
 
@@ -330,6 +334,7 @@ def processor_settings(directory: Path, written: dict[str, Any], image_processor
     where = directory / PROCESSOR_FILE
     if "size" not in written:
         raise ModelError(f"{where}: no size (the side the images are resized to)")
+    _check_sizes(image_processor, where)
     if getattr(image_processor, "do_center_crop", False):
         height, width = _side(image_processor.crop_size, "crop_size", where)
     elif image_processor.do_resize:
@@ -344,9 +349,28 @@ def processor_settings(directory: Path, written: dict[str, Any], image_processor
         mean, std = (_channels(written.get(key), key, where) for key in ("image_mean", "image_std"))
         if min(std) <= 0:
             raise ModelError(f"{where}: image_std must be > 0, got {list(std)}")
-    scale = float(image_processor.rescale_factor) * 255.0 if image_processor.do_rescale else 255.0
+    factor = image_processor.rescale_factor
+    if image_processor.do_rescale and not (_finite(factor) and factor > 0):
+        raise ModelError(f"{where}: rescale_factor must be a positive finite number (1/255 for 8-bit images), "
+                         f"got {factor!r}")
+    scale = float(factor) * 255.0 if image_processor.do_rescale else 255.0
     return ProcessorSettings(image_size=image_size, input_scale=1.0 if abs(scale - 1.0) < 1e-9 else scale,
                              mean=mean, std=std)
+
+
+def _check_sizes(image_processor: Any, where: Path) -> None:
+    """Every number of the size entries the processor uses a whole number >= 1: an Infinity or 40.5 there loads
+    and fails (OverflowError, TypeError) at the first image."""
+    for key, used in (("size", image_processor.do_resize), ("crop_size", getattr(image_processor, "do_center_crop",
+                                                                                  False))):
+        size = getattr(image_processor, key, None)
+        if not used or size is None:
+            continue
+        entries = dict(size) if hasattr(size, "get") else {"": size}  # a dict or SizeDict, or a bare number
+        for name, value in entries.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ModelError(f"{where}: {key}{'.' + name if name else ''} must be a whole number >= 1, "
+                                 f"got {value!r}")
 
 
 def _side(size: Any, key: str, where: Path) -> tuple[int, int]:
@@ -361,10 +385,21 @@ def _side(size: Any, key: str, where: Path) -> tuple[int, int]:
 
 
 def _channels(values: Any, key: str, where: Path) -> tuple[float, ...]:
-    numbers = isinstance(values, list) and all(isinstance(v, int | float) for v in values)
-    if not numbers or len(values) != 3:
-        raise ModelError(f"{where}: {key} must be 3 numbers (R, G, B), got {values!r}")
+    """Three finite numbers: a NaN or an infinity (which json reads from bare ``NaN`` / ``Infinity``) would make
+    every pixel, and so every embedding and score, NaN."""
+    if not (isinstance(values, list) and len(values) == 3 and all(_finite(value) for value in values)):
+        raise ModelError(f"{where}: {key} must be 3 finite numbers (R, G, B), got {values!r}")
     return tuple(float(v) for v in values)
+
+
+def _finite(value: Any) -> bool:
+    """A finite int or float (not a bool, a string or a container)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # a whole number past float's range
+        return False
 
 
 def _load_tokenizer(directory: Path, text_config: Any) -> Any:
@@ -378,12 +413,38 @@ def _load_tokenizer(directory: Path, text_config: Any) -> Any:
     if tokenizer.pad_token is None:
         raise ModelError(f"{directory}: the tokenizer has no padding token")
     _right_sided(tokenizer)
+    _check_tokenizer_runs(directory, tokenizer, text_config)
     eos = getattr(text_config, "eos_token_id", None)
     # CLIP pools the first end-of-text token, unless eos_token_id is 2 (older configs: the largest id)
     if text_config.model_type == "clip_text_model" and eos not in (None, 2) and tokenizer.eos_token_id != eos:
         raise ModelError(f"{directory}: the tokenizer's end-of-text id {tokenizer.eos_token_id} differs from "
                          f"text_config.eos_token_id {eos}")
     return tokenizer
+
+
+def _check_tokenizer_runs(directory: Path, tokenizer: Any, text_config: Any) -> None:
+    """Tokenize a probe text at load, padded as ``embed_texts`` pads, and check every id it gives and the padding
+    id against ``text_config.vocab_size``. Tokenizer files can load and fail only at the first text: a
+    tokenizer.json post-processor naming a token it does not define (a Rust panic, pyo3's ``PanicException``,
+    which is no ``Exception``), a WordLevel vocabulary without its unknown token; a padding token outside the
+    vocabulary is added past the model's embedding table (an IndexError in the text tower)."""
+    siglip = text_config.model_type == "siglip_text_model"
+    try:
+        ids = tokenizer([TOKENIZER_PROBE], padding="max_length" if siglip else True, truncation=True,
+                        max_length=int(text_config.max_position_embeddings))["input_ids"][0]
+    except BaseException as err:
+        if not (isinstance(err, Exception) or type(err).__name__ == "PanicException"):
+            raise  # KeyboardInterrupt, SystemExit
+        raise ModelError(f"{directory}: the tokenizer loads but cannot tokenize a text ({one_line(err)})") from None
+    vocab_size = int(text_config.vocab_size)
+    if not 0 <= tokenizer.pad_token_id < vocab_size:
+        raise ModelError(f"{directory}: the tokenizer's padding token {tokenizer.pad_token!r} has id "
+                         f"{tokenizer.pad_token_id}, outside the model's vocabulary (text_config.vocab_size "
+                         f"{vocab_size}); the folder's tokenizer does not fit its model")
+    outside = [token for token in ids if not 0 <= token < vocab_size]
+    if outside:
+        raise ModelError(f"{directory}: the tokenizer gives token id {outside[0]}, outside the model's vocabulary "
+                         f"(text_config.vocab_size {vocab_size}); the folder's tokenizer does not fit its model")
 
 
 def _right_sided(tokenizer: Any) -> None:

@@ -42,12 +42,16 @@ def init_from_env() -> bool:
     """
     if initialized():
         return dist.get_world_size() > 1
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    processes = _whole_env("WORLD_SIZE", 1)
+    if processes <= 1:
         return False
     missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if missing:
-        raise InputError(f"WORLD_SIZE is {os.environ['WORLD_SIZE']} but {', '.join(missing)} are not set "
+        raise InputError(f"WORLD_SIZE is {processes} but {', '.join(missing)} are not set "
                          "(start distributed training with torchrun)")
+    if not 0 <= _whole_env("RANK", 0) < processes:
+        raise InputError(f"RANK must be 0 to {processes - 1} (WORLD_SIZE is {processes}), got "
+                         f"{os.environ['RANK']!r} (start distributed training with torchrun)")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend, timeout=timedelta(minutes=30))
     global _joined_rank
@@ -61,10 +65,30 @@ def requested_world_size() -> int:
     it); known before the group is joined."""
     if initialized():
         return dist.get_world_size()
+    processes = _env_int("WORLD_SIZE", 1)
+    return 1 if processes is None else processes
+
+
+def _env_int(name: str, default: int) -> int | None:
+    """A whole-number variable torchrun sets (``WORLD_SIZE``, ``RANK``): ``default`` when it is unset, None when it
+    is set but empty or not a whole number (an ``export WORLD_SIZE=`` left in a job script)."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
     try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
+        return int(text)
     except ValueError:
-        return 1
+        return None
+
+
+def _whole_env(name: str, default: int) -> int:
+    """``_env_int``, an InputError naming the variable when it is set but not a whole number: ``init_from_env``
+    must not guess whether the run is distributed."""
+    value = _env_int(name, default)
+    if value is None:
+        raise InputError(f"{name} must be a whole number, got {os.environ[name][:40]!r} (torchrun sets it; unset "
+                         "it to train in one process)")
+    return value
 
 
 def check_single_process() -> None:

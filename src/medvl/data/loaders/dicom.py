@@ -146,7 +146,7 @@ def _stackable(series, headers: list[_Header]) -> float | None:
     (``medvl.clinical.dicom.missing_slices``) or with a slice off the line the others follow (``off_axis_slice``) is a
     DataError naming the series (its number and the record id it
     would have had), as a truncated slice file is: never stacked with the gap closed."""
-    from ...clinical.dicom import distinct_spacings, pixel_spacing, same_plane, slice_stack, volume_hole
+    from ...clinical.dicom import distinct_spacings, pixel_spacing, placed, same_plane, slice_stack, volume_hole
 
     if len(headers) < 2 or any(h.frames != 1 for h in headers):
         return None
@@ -154,8 +154,9 @@ def _stackable(series, headers: list[_Header]) -> float | None:
     for header in headers:
         if header.position is None or header.orientation is None:
             return None
-        positions.append(header.position)
-        orientations.append(header.orientation)
+        position, orientation = placed(header.path, header.position, header.orientation)
+        positions.append(position)
+        orientations.append(orientation)
     size = (headers[0].ds.get("Rows"), headers[0].ds.get("Columns"))
     if any(not same_plane(orientation, orientations[0]) for orientation in orientations) or \
             any((h.ds.get("Rows"), h.ds.get("Columns")) != size for h in headers) or \

@@ -12,7 +12,8 @@ The archive holds ``{split}_images`` and ``{split}_labels`` arrays for any set o
   array in the archive, else the index as a string (``"0"``, ``"1"``, ...);
 - labels ``(N, K)``, K > 1, of 0/1: multi-label, one binary column per class with values ``"0"``
   / ``"1"`` (NaN = missing); columns are named by the class names when given, else ``label_0``
-  .. ``label_{K-1}``.
+  .. ``label_{K-1}``. The array must be of numbers (bool, integer or float): text (``'yes'`` / ``'no'``, even
+  ``'0'`` / ``'1'``), dates and complex values are refused.
 
 Record ids are ``"{split}_{index}"``. ``dataset.default_labels`` is every label column.
 
@@ -243,6 +244,9 @@ def _multi_label_columns(path: Path, count: int, class_names: Sequence[str] | No
 
 def _multi_label(path: Path, key: str, labels: np.ndarray,
                  columns: list[str]) -> list[dict[str, str]]:
+    if labels.dtype.kind not in "biuf":  # text ('yes'/'no', '0'/'1'), dates, complex: not read as 0/1
+        raise DataError(path, f"{key!r} has shape {labels.shape}: a multi-label array must hold 0/1 numbers "
+                              f"(or NaN for missing), got {labels.dtype}")
     values = labels.astype(np.float64)
     known = ~np.isnan(values)
     if not np.all((values[known] == 0) | (values[known] == 1)):

@@ -83,6 +83,7 @@ _SHORTCUT_STREAM = 8  # the marker draw of case i is seeded by (seed, i, _SHORTC
 SHORTCUT_COLUMN = "shortcut_marker"  # manifest column of a shortcut variant: 1 = marker burned in
 KINDS = ("cxr2d", "ct3d")
 DEFAULT_SIZES = {"cxr2d": 128, "ct3d": 64}
+MAX_CASES = 1_000_000  # cases one phantom may hold: a count past C's long (10**20) was an OverflowError traceback
 CT_DATASET_NAME = "phantom-ct"
 CT_LABEL_COLUMNS = ct3d.FINDINGS
 CT_MANIFEST_COLUMNS = ("id", "image", "text", "split", "finding", *CT_LABEL_COLUMNS, "age", "sex", "phase",
@@ -234,6 +235,7 @@ def check_phantom_params(n: int, seed: int, size: int, extra_finding_prob: float
     check them before touching anything)."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise InputError(f"n must be an integer >= 1, got {n!r}", parameter="n")
+    check_number("n", n, minimum=1, maximum=MAX_CASES, integer=True)
     (ct3d.check_case_args if kind == "ct3d" else check_case_args)(seed, 0, size, extra_finding_prob)
 
 
