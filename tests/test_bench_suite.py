@@ -846,19 +846,25 @@ def test_the_ood_check_flags_only_a_share_significantly_above_what_the_guard_fla
                                                                                              tmp_path):
     """A guard at quantile 0.8 flags about 20 % of in-distribution images on purpose: scoring another split of its
     own phantom raised the ood flag (any share above a fixed 5 %). The share is now tested against the guard's own
-    expected share (one-sided exact binomial), and both are stored."""
-    from scipy.stats import binomtest
+    expected share (one-sided beta-binomial: the threshold is drawn from the calibration split), and both are
+    stored."""
+    import math
+
+    from scipy.stats import betabinom
 
     results = _ood_check_of_a_guard(two_models[0], phantom_dir, tmp_path, "--split", "train", "--calibration-split",
                                     "val", "--quantile", "0.8")
     row = next(row for row in results["rows"] if row["metric"] == "ood: flagged share")
     from medvl.models.ood import OODGuard
 
-    expected = OODGuard.load(tmp_path / "guarded").info["expected_flagged_share"]
+    info = OODGuard.load(tmp_path / "guarded").info
+    expected = info["expected_flagged_share"]
     assert row["expected_flagged_share"] == expected > 0.1
     flagged = round(row["value"] * row["n"])
     assert row["value"] > 0.05  # flagged by the old fixed 5 % rule
-    assert row["p_value"] == pytest.approx(binomtest(flagged, row["n"], expected, alternative="greater").pvalue)
+    rank = math.ceil((info["calibration_images"] + 1) * 0.8 - 1e-9)  # the threshold's rank among the calibration
+    assert row["test"] == "beta-binomial" and row["p_value"] == pytest.approx(
+        betabinom.sf(flagged - 1, row["n"], info["calibration_images"] + 1 - rank, rank))
     assert row["p_value"] >= 0.01 and not any("/ ood:" in flag for flag in results["flags"]), results["flags"]
     assert any(r["metric"] == "ood: expected flagged share (in distribution)" and r["value"] == expected
                for r in results["rows"])

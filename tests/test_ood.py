@@ -617,10 +617,33 @@ def test_a_flagged_share_is_tested_against_the_share_the_guard_flags_by_design()
     def guard(info):
         return OODGuard(mean=torch.zeros(4), precision=torch.eye(4), threshold=1.0, info=info)
 
-    low = guard({"quantile": 0.8, "expected_flagged_share": 0.1951})
-    assert flagged_excess(low, 14, 80) == {"expected_flagged_share": 0.1951, "shifted": False,
+    low = guard({"quantile": 0.8, "expected_flagged_share": 0.1951})  # no calibration size recorded: binomial
+    assert flagged_excess(low, 14, 80) == {"expected_flagged_share": 0.1951, "shifted": False, "test": "binomial",
                                            "p_value": pytest.approx(binomtest(14, 80, 0.1951, "greater").pvalue)}
     assert flagged_excess(low, 30, 80)["shifted"] is True
     high = guard({"quantile": 0.999})  # fitted before the expected share was recorded: 1 - quantile
     assert flagged_excess(high, 3, 80)["expected_flagged_share"] == 0.001 and flagged_excess(high, 3, 80)["shifted"]
     assert flagged_excess(high, 0, 80)["p_value"] == 1.0 and not flagged_excess(high, 0, 0)["shifted"]
+
+
+def test_the_flagged_share_test_allows_for_the_threshold_drawn_from_the_calibration_split():
+    """The guard's threshold is the k-th of its calibration scores, so its in-distribution flagged share is itself
+    random (Beta(n_cal + 1 - k, k)): a binomial at the expected share flagged about one in-distribution split in seven
+    at a stated 1 % (probe of this change). Simulated with the project's own conformal_threshold, no shift: flagged
+    at about the stated level."""
+    from scipy.stats import betabinom
+
+    from medvl.eval.ood import conformal_threshold, flagged_excess
+    from medvl.models.ood import OODGuard
+
+    rng = np.random.default_rng(0)
+    alarms, runs = 0, 400
+    for _ in range(runs):
+        threshold, expected = conformal_threshold(rng.standard_normal(100), 0.99)
+        guard = OODGuard(mean=torch.zeros(4), precision=torch.eye(4), threshold=threshold,
+                         info={"quantile": 0.99, "calibration_images": 100, "expected_flagged_share": expected})
+        alarms += flagged_excess(guard, int((rng.standard_normal(1000) > threshold).sum()), 1000)["shifted"]
+    assert alarms / runs <= 0.025  # the binomial's rate here: about 0.15
+    excess = flagged_excess(guard, 30, 1000)
+    assert excess["test"] == "beta-binomial"
+    assert excess["p_value"] == pytest.approx(betabinom.sf(29, 1000, 1, 100))  # k = ceil(101 * 0.99) = 100

@@ -1332,7 +1332,7 @@ def _check_ood(ctx: _Context, scored: _Scored) -> None:
     # tested against the share the guard flags in distribution by design, not a fixed 5 %
     excess = flagged_excess(ctx.net.ood, scored.ood["flagged"], scored.ood["n"])
     ctx.row("ood: flagged share", scored.ood["flagged_share"], n=scored.ood["n"],
-            expected_flagged_share=excess["expected_flagged_share"], p_value=excess["p_value"])
+            expected_flagged_share=excess["expected_flagged_share"], p_value=excess["p_value"], test=excess["test"])
     ctx.row("ood: expected flagged share (in distribution)", excess["expected_flagged_share"])
     seen = scored.ood.get("fitted_on_scored")  # eval.ood.guard_fitted_on_scored
     if seen is not None:
@@ -1343,7 +1343,7 @@ def _check_ood(ctx: _Context, scored: _Scored) -> None:
     if excess["shifted"]:
         ctx.flag("ood", f"the guard flags {scored.ood['flagged_share']:.1%} of the scored split as unlike the "
                         f"model's training images; it flags {excess['expected_flagged_share']:.1%} of "
-                        f"in-distribution images by design (one-sided binomial p {_p_text(excess['p_value'])}, "
+                        f"in-distribution images by design (one-sided {excess['test']} p {_p_text(excess['p_value'])}, "
                         f"level {OOD_EXCESS_LEVEL})")
 
 

@@ -170,16 +170,31 @@ def expected_flagged_share(guard: OODGuard) -> float:
 
 def flagged_excess(guard: OODGuard, flagged: int, n: int) -> dict[str, Any]:
     """Is ``flagged`` of ``n`` scored images significantly more than ``guard`` flags in distribution? Returns
-    ``expected_flagged_share`` and ``p_value``: the one-sided exact binomial test of ``flagged`` against that share
-    at ``n`` (scipy's ``binomtest``, alternative "greater"; 1.0 for ``n`` 0), and ``shifted``: ``p_value`` under
-    ``OOD_EXCESS_LEVEL``. A split-conformal guard flags about ``1 - quantile`` of in-distribution images on purpose,
-    so a fixed share (5 %) would flag the guard's own distribution at a low quantile and miss shifts at a high one."""
-    from scipy.stats import binomtest
+    ``expected_flagged_share``, ``p_value`` (one-sided; 1.0 for ``n`` 0), ``test`` (which null) and ``shifted``:
+    ``p_value`` under ``OOD_EXCESS_LEVEL``. A split-conformal guard flags about ``1 - quantile`` of in-distribution
+    images on purpose, so a fixed share (5 %) would flag the guard's own distribution at a low quantile and miss
+    shifts at a high one. And that share is itself random: the threshold is the k-th of ``n_cal`` calibration scores
+    (``conformal_threshold``), so a new in-distribution image's chance of scoring above it is Beta(n_cal + 1 - k, k)
+    over calibration draws, and the flagged count of ``n`` images beta-binomial (``test`` "beta-binomial"): a
+    binomial at the expected share ignored that spread and flagged about one in-distribution split in seven at a
+    stated 1 %. A guard that does not record its calibration size (fitted before it was recorded): the binomial
+    (``test`` "binomial")."""
+    from scipy.stats import betabinom, binomtest
 
     expected = expected_flagged_share(guard)
-    p_value = float(binomtest(int(flagged), int(n), min(max(expected, 0.0), 1.0), alternative="greater").pvalue) \
-        if n else 1.0
-    return {"expected_flagged_share": round(expected, 4), "p_value": p_value, "shifted": p_value < OOD_EXCESS_LEVEL}
+    calibration = guard.info.get("calibration_images")
+    quantile = guard.info.get("quantile")
+    if not n:
+        p_value, test = 1.0, "none"
+    elif isinstance(calibration, int) and calibration >= 1 and isinstance(quantile, int | float):
+        rank = min(math.ceil((calibration + 1) * float(quantile) - 1e-9), calibration)  # as conformal_threshold
+        p_value = float(betabinom.sf(int(flagged) - 1, int(n), calibration + 1 - rank, rank))
+        test = "beta-binomial"
+    else:
+        p_value = float(binomtest(int(flagged), int(n), min(max(expected, 0.0), 1.0), alternative="greater").pvalue)
+        test = "binomial"
+    return {"expected_flagged_share": round(expected, 4), "p_value": min(p_value, 1.0), "test": test,
+            "shifted": p_value < OOD_EXCESS_LEVEL}
 
 
 def warn_flagged(flags: list[dict[str, Any]], what: str) -> None:
