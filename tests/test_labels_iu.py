@@ -156,6 +156,13 @@ def test_an_opacity_hedged_as_an_infiltrate_is_stated(shared_data, labeller, sen
     # the sign alone, or beside the finding stated, is the finding
     ("Blunting of the costophrenic angle with a small effusion.", "positive"),
     ("Chronic blunting of both lateral costophrenic [redacted].", "positive"),
+    # a finding denied only at a size, or on a side the sign does not name, leaves the sign's finding (these were
+    # read negative, with no_finding positive, by the first version of the rule)
+    ("Left costophrenic blunting, no large effusion.", "positive"),
+    ("Blunted left costophrenic angle, no right pleural effusion.", "positive"),
+    ("Blunted costophrenic angles, no pleural effusion on the right.", "positive"),
+    ("Blunted left costophrenic angle, no left pleural effusion.", "negative"),
+    ("Blunted right costophrenic angle without definite right pleural effusion.", "negative"),
 ])
 def test_a_sign_does_not_outweigh_what_its_sentence_says_of_the_finding(labeller, sentence, expected):
     """A costophrenic blunting (a ``signs`` synonym of the effusion) made the effusion positive even where the same

@@ -398,7 +398,7 @@ class ReportLabeller:
             gaps = [match.group(i) or "" for i in range(1, (match.re.groups or 0) + 1)]
             status = cues.status(match.start(), match.end(), gaps)
             found.append(Mention(name, status, match.start(), match.end(), sign))
-        return _named_over_signs(_outermost(found))
+        return _named_over_signs(_outermost(found), text)
 
     def _sentence_labels(self, sentence: str) -> tuple[tuple[str, str], ...]:
         return tuple(merge({m.finding: m.status} for m in self.mentions(sentence)).items())
@@ -559,14 +559,46 @@ def _outermost(mentions: list[Mention]) -> list[Mention]:
     return sorted(kept, key=lambda m: (m.start, m.finding))
 
 
-def _named_over_signs(mentions: list[Mention]) -> list[Mention]:
+SIDES = frozenset({"left", "right", "bilateral"})
+SIZES = frozenset({"large", "moderate", "significant", "sizable", "sizeable", "massive", "big"})
+
+
+def _named_over_signs(mentions: list[Mention], text: str) -> list[Mention]:
     """A sign's status capped by what its sentence says of the finding by name: in "blunted costophrenic angle
     without definite pleural effusion" the effusion is negative, in "blunting of the costophrenic angle suggestive
     of a small effusion" possible, and the blunting does not make it positive. A sentence that does not name the
-    finding, or names it as present too, keeps the sign's own status."""
-    named = merge({m.finding: m.status} for m in mentions if not m.sign)
+    finding, or names it as present too, keeps the sign's own status; so does one denying only a large finding ("left
+    costophrenic blunting, no large effusion") or one on a side the sign does not name ("blunted left costophrenic
+    angle, no right pleural effusion"; "blunted costophrenic angles, no effusion on the right"): the sign may be of
+    a smaller or another one. ``text``: the lower-cased sentence the mentions' offsets are in."""
+    capping = [(m.finding, _capping(m, mentions, text)) for m in mentions if not m.sign]
+    named = merge({finding: status} for finding, status in capping if status is not None)
     return [replace(m, status=named[m.finding]) if m.sign and m.finding in named
             and _RANK[named[m.finding]] < _RANK[m.status] else m for m in mentions]
+
+
+def _capping(named: Mention, mentions: list[Mention], text: str) -> str | None:
+    """What a mention of a finding by name caps the finding's signs in its sentence to: its status, or None when it
+    denies the finding only at a size or on a side the signs do not share (``SIZES``, ``SIDES`` in its clause)."""
+    if named.status != NEGATIVE:
+        return named.status
+    qualifiers = _clause_words(text, named.start, named.end)
+    if qualifiers & SIZES:
+        return None
+    sides = qualifiers & SIDES
+    if sides:
+        signs = [m for m in mentions if m.sign and m.finding == named.finding]
+        if not signs or any(_clause_words(text, m.start, m.end) & SIDES != sides for m in signs):
+            return None
+    return named.status
+
+
+def _clause_words(text: str, start: int, end: int, reach: int = 4) -> set[str]:
+    """The words of a mention at ``start:end`` and up to ``reach`` words either side of it within its clause (not
+    past a comma, semicolon, colon or full stop), as plain lower-case words."""
+    before = re.split(r"[,;:.]", text[:start])[-1].split()[-reach:]
+    after = re.split(r"[,;:.]", text[end:])[0].split()[:reach]
+    return {word.strip("()'\"-") for word in (*before, *text[start:end].split(), *after)}
 
 
 def merge(labels: Iterable[dict[str, str]]) -> dict[str, str]:
