@@ -183,6 +183,32 @@ def test_zero_shot_ranks_classes_as_the_models_own_logits(hf_dir, phantom):
     assert (probabilities.argmax(1) == logits.argmax(1).detach().numpy()).all()
 
 
+def _films(folder: Path) -> list[Path]:
+    """An 8-bit and a 16-bit grayscale film and an RGB photo, saved as PNG: sizes the processors must resize."""
+    rng = np.random.default_rng(0)
+    film16 = rng.normal(20000, 3000, (96, 80)).clip(0, 65535).astype(np.uint16)
+    film16[10:12, 10:12] = 65535  # a small bright marker: area averaging it first changed the film's contrast
+    images = {"film8": rng.integers(0, 256, (96, 80), dtype=np.uint8), "film16": film16,
+              "photo": rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)}
+    for name, pixels in images.items():
+        Image.fromarray(pixels).save(folder / f"{name}.png")
+    return [folder / f"{name}.png" for name in images]
+
+
+def test_the_corruption_check_corrupts_what_the_model_reads(hf_dir, tmp_path):
+    """``model_sized`` gives pixels the model's processor reads as it reads the file: CLIP's (resize the shortest
+    edge to 40, crop 32) was cropped twice, a zoomed picture; corruptions still act at the model's pixel scale."""
+    from medvl.eval.robustness import corrupt, model_sized
+
+    model = load_model(hf_dir)
+    for path in _films(tmp_path):
+        sized = model_sized(model, path)
+        assert torch.equal(model.preprocessor.load(sized), model.preprocessor.load(path))
+        assert min(sized.shape[:2]) == (40 if "clip" in hf_dir.name else SIDE)
+        noisy = model.preprocessor.load(corrupt(sized, "noise", 5))
+        assert noisy.shape == (3, SIDE, SIDE) and not torch.equal(noisy, model.preprocessor.load(path))
+
+
 def test_fingerprint_is_stable_and_names_the_folder(hf_dir):
     model = load_model(hf_dir)
     first, second = model_fingerprint(model, hf_dir), model_fingerprint(load_model(hf_dir), hf_dir)

@@ -592,6 +592,20 @@ def test_corruption_severities_do_the_same_damage_at_every_native_size(random_mo
     assert curves[0]["curves"]["noise"][1] != curves[0]["curves"]["noise"][0]
 
 
+def test_the_corruption_check_corrupts_what_the_model_reads(random_model, tmp_path):
+    """``model_sized`` gives pixels the preprocessor reads as it reads the file, up to 8-bit rounding: a 16-bit
+    film was area-averaged before its own min-max stretch, so a small bright marker no longer set its contrast."""
+    from test_adapters import _films
+
+    side, step = random_model.config.image.image_size, 0.5 / 255 + 1e-6
+    for path in _films(tmp_path):
+        sized = robustness.model_sized(random_model, path)
+        clean = random_model.preprocessor.load(path)
+        assert float((random_model.preprocessor.load(sized) - clean).abs().max()) <= step
+        assert sized.dtype == np.uint8 and sized.shape == (side, side)
+        assert float((random_model.preprocessor.load(corrupt(sized, "noise", 5)) - clean).abs().max()) > 0.2
+
+
 def test_in_memory_datasets_work_end_to_end(random_model):
     rng = np.random.default_rng(0)
     records = [Record(id=f"m{i}", images=[rng.integers(0, 255, (32, 32), dtype=np.uint8)],

@@ -21,12 +21,13 @@ Only ``noise`` and ``rotation`` draw random numbers, from ``seed``. An image wit
 (constant, not uint8) is returned unchanged. JPEG works on 8 bits: a 16-bit or float image also
 loses its fine intensity steps, which is part of that corruption.
 
-``corruption_curves`` corrupts each image in the model's input space: the file is first resized as the
-model's preprocessor resizes it (``model_sized``: area averaging to its input square, in the image's own
-dtype and intensities, before any intensity scaling), then corrupted, so a severity means the same damage
-at every native size. Corrupted at its native size, a 1024 px film's per-pixel noise and 8x8-block JPEG
-artefacts would be mostly averaged away by the model's resize (noise at severity 5 would reach a 64 px model
-weaker than severity 1 on a 64 px film). The clean figures are scored from the same resized images.
+``corruption_curves`` corrupts each image in the model's input space: the file is first brought to 8-bit
+pixels at the model's input size that its preprocessor reads as it reads the file (``model_sized``: a medvl
+model's intensity scaling, then its area resize; a transformers processor's resize, before its centre crop),
+then corrupted, so a severity means the same damage at every native size. Corrupted at its native size, a
+1024 px film's per-pixel noise and 8x8-block JPEG artefacts would be mostly averaged away by the model's
+resize (noise at severity 5 would reach a 64 px model weaker than severity 1 on a 64 px film). The clean figures are
+scored from the same resized images.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from ..data import captions_for
@@ -45,7 +45,7 @@ from ..data.captions import CaptionConfig
 from ..data.record import Dataset
 from ..embed import embed_images
 from ..errors import InputError
-from ..models.adapters import HFImagePreprocessor
+from ..models.adapters import HFImagePreprocessor, rgb_uint8
 from ..models.dual import DualEncoder
 from ..models.preprocess import ImagePreprocessor, read_for
 from ..progress import progress_bar
@@ -107,27 +107,42 @@ def corrupt(image: np.ndarray, kind: str, severity: int, seed: int = 0) -> np.nd
 
 
 def model_sized(model: DualEncoder, image: Any) -> np.ndarray:
-    """``image`` (an array, else a file read as ``read_for`` reads it) at the size ``model`` takes, as its
-    preprocessor brings it there, with its own dtype and intensities (no intensity scaling, windows or colour
-    correction yet: ``model.preprocessor.load`` applies those, and leaves an image of its input size unresized).
-    A medvl preprocessor's area averaging (``ImagePreprocessor.resize``; integers rounded back to their dtype); a
-    transformers model's own processor, whose input is 8-bit RGB (``HFImagePreprocessor``); any other model: the
-    image as read."""
+    """``image`` (an array, else a file read as ``read_for`` reads it) brought to the size ``model`` takes, as
+    8-bit pixels its preprocessor then reads unchanged: ``model.preprocessor.load`` of the result equals ``load`` of
+    ``image`` up to 8-bit rounding (and a percentile scaling or colour constancy applied again to its own output).
+
+    A medvl 2D model: the image as ``ImagePreprocessor.load`` scales it (windows, /255 or its own min-max; the
+    model's channels) and resizes it to its input square, in 0-255. A transformers model: the 8-bit RGB image
+    resized by its own processor but not centre-cropped, when that processor leaves the result unresized (a
+    processor resizing the shortest edge above its crop would otherwise crop twice); else, and for any other
+    model, the image as read."""
     array = read_for(model, image)
     preprocessor = getattr(model, "preprocessor", None)
     if isinstance(preprocessor, HFImagePreprocessor):
-        pixels = preprocessor.load(array).permute(1, 2, 0).numpy()
-        return np.rint(pixels * 255.0).astype(np.uint8)
-    if not isinstance(preprocessor, ImagePreprocessor) or array.ndim not in (2, 3):
+        return _processor_sized(preprocessor, array)
+    if not isinstance(preprocessor, ImagePreprocessor) or preprocessor.config.spatial_dims != 2 \
+            or array.ndim not in (2, 3):
         return array
-    channels_first = torch.from_numpy(np.ascontiguousarray(np.moveaxis(array, -1, 0) if array.ndim == 3
-                                                           else array[None]).astype(np.float32))
-    resized = preprocessor.resize(channels_first).numpy()
-    if np.issubdtype(array.dtype, np.integer):
-        limits = np.iinfo(array.dtype)
-        resized = np.clip(np.rint(resized), limits.min, limits.max)
-    result = np.moveaxis(resized, 0, -1) if array.ndim == 3 else resized[0]
-    return np.ascontiguousarray(result).astype(array.dtype)
+    resized = preprocessor.resize(preprocessor.scaled(array)).clamp_(0.0, 1.0)
+    pixels = np.rint(resized.numpy() * 255.0).astype(np.uint8)
+    return pixels[0] if len(pixels) == 1 else np.ascontiguousarray(np.moveaxis(pixels, 0, -1))
+
+
+def _processor_sized(preprocessor: HFImagePreprocessor, array: np.ndarray) -> np.ndarray:
+    """``array`` as 8-bit RGB resized by the transformers processor without its centre crop, if the processor
+    leaves that unchanged (so it crops it once); else the 8-bit RGB image at its own size."""
+    rgb = rgb_uint8(array, "<array>")
+    processor = preprocessor.image_processor
+    no_crop = {"do_center_crop": False} if getattr(processor, "do_center_crop", False) else {}
+
+    def resized(pixels: np.ndarray) -> np.ndarray:
+        values = processor(images=[pixels], do_normalize=False, do_rescale=False, input_data_format="channels_last",
+                           return_tensors="pt", **no_crop)["pixel_values"][0]
+        return np.ascontiguousarray(values.permute(1, 2, 0).numpy())
+
+    sized = np.clip(np.rint(resized(rgb)), 0, 255).astype(np.uint8)
+    again = resized(sized)
+    return sized if again.shape == sized.shape and np.array_equal(again, sized) else rgb
 
 
 def _to_unit(image: np.ndarray) -> tuple[np.ndarray | None, float, float]:

@@ -51,16 +51,22 @@ class ImagePreprocessor:
         if self.config.spatial_dims == 3:
             return load_volume(image, self.config, source)
         named = image if not isinstance(image, np.ndarray) else (source or "<array>")
+        tensor = self.resize(self.scaled(image, source))
+        if not bool(torch.isfinite(tensor).all()):  # a model input, and so an embedding, is never NaN
+            raise DataError(str(named), "pixel values too large to scale (they overflow float32)")
+        return tensor.clamp_(0.0, 1.0)
+
+    def scaled(self, image: ImageSource | str, source: str | Path | None = None) -> torch.Tensor:
+        """A 2D image as ``load`` has it before resizing: (C, H, W) at its own size, intensities scaled (windows,
+        /255 or min-max), channels converted, percentile scaling and colour constancy applied."""
+        named = image if not isinstance(image, np.ndarray) else (source or "<array>")
         array = self.read(image) if not isinstance(image, np.ndarray) else image
         tensor = self._intensities(array, named)
         if self.config.percentile_scaling:
             tensor = percentile_scale(tensor, self.config.percentile_scaling)
         if self.config.color_constancy and tensor.shape[0] == 3:
             tensor = shades_of_gray(tensor.float(), self.config.color_constancy)
-        tensor = self.resize(tensor)
-        if not bool(torch.isfinite(tensor).all()):  # a model input, and so an embedding, is never NaN
-            raise DataError(str(named), "pixel values too large to scale (they overflow float32)")
-        return tensor.clamp_(0.0, 1.0)
+        return tensor
 
     def read(self, image: str | Path | LoadableImage) -> np.ndarray:
         """The pixels this model is fed from an image file: ``read_image``, except that a model with
