@@ -108,6 +108,7 @@ class KnowledgeBase:
             for alias in (finding.name, finding.title, *finding.labels):
                 self._aliases.setdefault(label_key(alias), finding.name)
         self._vectors: dict[int, tuple[Any, np.ndarray]] = {}
+        self._sha256: str | None = None  # sha256(), once asked
 
     def __len__(self) -> int:
         return len(self.findings)
@@ -132,9 +133,13 @@ class KnowledgeBase:
 
     def sha256(self) -> str:
         """SHA-256 of the entries as read, in order (every field of each, its file named by its name only): what
-        ``/v1/models`` tells a knowledge base edited, added to or swapped between two starts of a service by."""
-        entries = [{**finding.to_dict(), "path": Path(finding.path).name if finding.path else None} for finding in self]
-        return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+        ``/v1/models`` tells a knowledge base edited, added to or swapped between two starts of a service by.
+        Computed once: the entries do not change after loading, and the page asks ``/v1/models`` on every read."""
+        if self._sha256 is None:
+            entries = [{**finding.to_dict(), "path": Path(finding.path).name if finding.path else None}
+                       for finding in self]
+            self._sha256 = hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+        return self._sha256
 
     def resolve(self, label: Any) -> str | None:
         """The finding a label column or value names (by name, title or ``labels``), else None."""
