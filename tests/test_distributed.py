@@ -115,6 +115,39 @@ def test_console_script_keeps_the_exit_code(phantom_dir, tmp_path):
     assert (taken / "keep.txt").read_text() == "not medvl's"
 
 
+
+_SIGTERM_DURING_THE_EXIT = """
+import importlib, logging, os, signal, sys, time
+distributed = importlib.import_module("medvl.train.distributed")  # medvl.train is also a function
+from medvl.cli.main import run
+
+class SignalledOnClose(logging.Handler):  # torchrun's SIGTERM to the other ranks, landing while this one exits
+    def emit(self, record):
+        pass
+
+    def close(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(2)
+        super().close()
+
+logging.getLogger("sigterm-test").addHandler(SignalledOnClose())
+distributed._joined_rank = int(sys.argv[1]) if sys.argv[1] != "none" else None
+sys.argv = ["medvl", "train", "--data", sys.argv[2], "--out", sys.argv[3], "-q"]
+run()
+"""
+
+
+@pytest.mark.parametrize("joined", ["0", "none"])
+def test_a_sigterm_while_the_process_exits_ends_it_with_143_and_no_traceback(joined, tmp_path):
+    """torchrun stops the other ranks with SIGTERM once one has exited; a rank already leaving after its own
+    one-line error (flushing its log handlers) raised ``Terminated`` inside the exit: a traceback and exit 1."""
+    done = subprocess.run([sys.executable, "-c", _SIGTERM_DURING_THE_EXIT, joined, str(tmp_path / "missing"),
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 143, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "Terminated" not in done.stderr, done.stderr[-3000:]
+    assert "missing" in done.stderr  # the command's own error was said before the exit
+
+
 def test_vqa_training_refuses_to_run_data_parallel(tmp_path):
     """VQA training runs the whole batch in each process: under torchrun it is refused in one line on each rank,
     before any output is written, rather than training on N copies of the batch."""

@@ -7,6 +7,7 @@ clinical.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -347,6 +348,22 @@ def terminate_like_ctrl_c() -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
+def exit_at_once_on_sigterm() -> None:
+    """Once the command is over, make SIGTERM end the process at once with exit code 143.
+
+    Raising ``Terminated`` then would land in the exit itself (flushing log handlers, the interpreter's
+    teardown) and print a traceback with exit code 1: torchrun stops the other ranks with SIGTERM as soon as
+    one rank has exited, often while they are already leaving after their own one-line error.
+    """
+    def on_sigterm(signum: int, frame: object) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(EXIT_TERMINATED)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 def run() -> None:
     """The ``medvl`` console script: the Typer app, then, in a process that joined a torchrun group,
     an exit that skips the interpreter's teardown (``distributed.exit_process``)."""
@@ -365,6 +382,7 @@ def run() -> None:
         code = 0
     if _sigterm_received:  # also when it came before a command's own handling (click says "Aborted!")
         code = EXIT_TERMINATED
+    exit_at_once_on_sigterm()
     # only a process that imported medvl.train.distributed can have joined a torchrun group; importing it here
     # otherwise would import torch after the command, again after a Ctrl-C cut torch's import short
     distributed = sys.modules.get("medvl.train.distributed")
