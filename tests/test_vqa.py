@@ -549,6 +549,31 @@ def test_a_term_no_training_question_holds_counts_as_unknown_in_the_cli_eval_and
     assert scores["questions_with_unknown_words"] == expected >= 2
 
 
+
+def test_a_question_of_only_words_no_training_question_holds_is_refused(trained, phantom, tmp_path):
+    """A question spelt wholly from known word pieces but of no word the model was trained on ("Atelectasis
+    emphysema?") was answered with unknown_words 2 of 2: the answer was the image's and the prior's, as for a
+    question of unknown tokens only, which is refused. It is refused alike; a folder without question_words.json
+    (no record of the training words) still answers it, as before."""
+    image = next((phantom / "vqa" / "images").glob("*.png"))
+    model = load_vqa_model(trained)
+    assert isinstance(model, VQAModel)
+    question = "Atelectasis emphysema?"
+    assert model.text_encoder.known_word_tokens(question)  # word pieces it knows: the older rule let it through
+    result, output = invoke("vqa", image, "--model", trained, "--question", question)
+    assert result.exit_code == 2, output
+    assert "--question: the question has no word this VQA model was trained on (none of its 2 words" in " ".join(
+        output.split()), output
+    assert "telectasis" not in output and len(result.stderr.strip().splitlines()) == 1
+    with pytest.raises(InputError, match="no word this VQA model was trained on"):
+        answer_with_rationale(model, [image], question)
+    assert answer_with_rationale(model, [image], "Is there atelectasis?")["unknown_words"] == 1  # one known: answered
+    older = tmp_path / "older"
+    shutil.copytree(trained / "model", older)
+    (older / "question_words.json").unlink()
+    assert answer_with_rationale(load_vqa_model(older), [image], question)["answer"]
+
+
 def _eval_with_questions(trained, phantom, tmp_path, first: list[str]) -> tuple[list[dict], dict, str]:
     """``medvl eval vqa`` of the phantom's test questions with the first ones replaced by ``first``: the questions,
     the JSON scores and the output."""

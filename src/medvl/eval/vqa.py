@@ -322,9 +322,10 @@ def check_question(question: str, field: str = "--question",
     naming ``field`` (the option or form field it came from), and so is, given a medvl ``model``, a question of
     more tokens than its question encoder reads (``text.max_length``, special tokens included): the rest would
     be cut unread, and questions differing only there answered alike; and one with no word its question encoder
-    knows (only unknown tokens and punctuation, ``TextEncoder.known_word_tokens``): the answer would be the image's
-    and the training prior's, not an answer to the question. A transformers VLM reads the whole prompt. Messages
-    never quote the question."""
+    knows (only unknown tokens and punctuation, ``TextEncoder.known_word_tokens``) or, for a model that recorded its
+    training questions' words, none of them (``VQAModel.unknown_words``): the answer would be the image's and the
+    training prior's, not an answer to the question. A transformers VLM reads the whole prompt. Messages never
+    quote the question."""
     try:
         question.encode("utf-8")
     except UnicodeEncodeError:
@@ -349,13 +350,19 @@ def _check_question_tokens(question: str, field: str, model: VQAModel) -> None:
         raise InputError(f"{field}: the question has no word this VQA model knows (its question encoder reads only "
                          "unknown tokens and punctuation): an answer would not be to the question; ask it in the "
                          "words of the questions the model was trained on")
+    words = model.text_encoder.words(question)
+    if model.question_words is not None and words and model.unknown_words(question) == len(words):
+        raise InputError(f"{field}: the question has no word this VQA model was trained on (none of its "
+                         f"{len(words)} word{'s' if len(words) > 1 else ''} is among its training questions' words): "
+                         "an answer would not be to the question; ask it in the words of the questions the model "
+                         "was trained on")
 
 
 def unknown_words(model: VQAModel, question: str) -> int:
     """How many words of ``question`` the model was not trained on (``VQAModel.unknown_words``: not among its
     training questions' words; a model saved without them: the words its question encoder reads as its unknown
-    token): the answer does not take them into account. A question of nothing but unknown tokens is refused
-    (``check_question``); one with unknown words is answered, and the CLI warns."""
+    token): the answer does not take them into account. A question of nothing but unknown words is refused
+    (``check_question``); one with some unknown words is answered, and the CLI warns."""
     return model.unknown_words(question)
 
 
