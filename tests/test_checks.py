@@ -363,8 +363,9 @@ def test_subgroup_balanced_accuracy_takes_the_headline_rows_plain_draws():
     headline = bootstrap_ci(balanced_accuracy, y, p, resamples=300, seed=0, **DRAWS["balanced_accuracy"])
     assert whole["balanced_accuracy"] == headline and headline["resamples"] < 300  # draws lacking a class left out
     assert DRAWS["balanced_accuracy"]["stratified"] is False and DRAWS["auc"]["stratified"] is True
-    # the gap: B holds classes 0, 1 and 2, 5 records or more each (a rough group is left out of it); A class 0 only
-    y = np.array([0] * 30 + [1] * 5 + [2] * 5)
+    # the gap: A and B hold classes 0, 1 and 2, 5 records or more each (a rough group, or one lacking a class, is
+    # left out of it)
+    y = np.array(([0] * 10 + [1] * 5 + [2] * 5) * 2)
     p = rng.dirichlet([1, 1, 1], 40)
     p[np.arange(40), y] += 0.3 * rng.random(40)
     group = ["A"] * 20 + ["B"] * 20
@@ -378,6 +379,40 @@ def test_subgroup_balanced_accuracy_takes_the_headline_rows_plain_draws():
             gaps.append(balanced_accuracy(y[draw_a], p[draw_a]) - balanced_accuracy(y[draw_b], p[draw_b]))
     assert column["gap"]["resamples"] == len(gaps) < 1000
     assert [column["gap"]["low"], column["gap"]["high"]] == pytest.approx(np.percentile(gaps, [2.5, 97.5]))
+
+
+def test_a_group_lacking_a_class_is_not_compared_on_a_class_averaged_headline():
+    """With headline balanced_accuracy a one-class group (all negatives) was ranked by its recall of that one class
+    against the other groups' mean recall over both: it could be the best group of a "significant" gap the model
+    does not have. A group lacking a class is scored and kept (``missing_classes``) but left out of the worst-group
+    choice for a class-averaged headline (AUC, balanced accuracy; a multi-class AUC over fewer classes too); with
+    accuracy it is compared."""
+    rng = np.random.default_rng(4)
+    y = np.array([0] * 30 + [0, 1] * 20 + [0, 1] * 20)
+    positive = 1 / (1 + np.exp(-(rng.normal(size=len(y)) + 1.0 * (2 * y - 1))))
+    positive[:30] = 0.05  # every negative of the one-class group called right: its recall, and so its "balanced
+    group = ["negatives"] * 30 + ["A"] * 40 + ["B"] * 40  # accuracy", is 1.0, above any two-class group's
+    column = subgroup_metrics(y, positive, {"site": group}, resamples=100, headline="balanced_accuracy")
+    column = column["columns"]["site"]
+    negatives = column["groups"]["negatives"]
+    assert negatives["balanced_accuracy"]["value"] == 1.0 and negatives["missing_classes"] == 1
+    assert column["groups"]["A"]["missing_classes"] == 0 and column["incomplete_groups"] == 1
+    assert {column["worst_group"], column["best_group"]} == {"A", "B"}
+    by_accuracy = subgroup_metrics(y, positive, {"site": group}, resamples=50, headline="accuracy")
+    assert by_accuracy["columns"]["site"]["best_group"] == "negatives"  # accuracy needs no class to average over
+    assert by_accuracy["columns"]["site"]["incomplete_groups"] == 0
+    # three classes, one group lacking class 2: its macro AUC is over two classes, not compared
+    y3 = np.array([0, 1] * 15 + [0, 1, 2] * 10 + [0, 1, 2] * 10)
+    p3 = rng.dirichlet([1, 1, 1], len(y3))
+    p3[np.arange(len(y3)), y3] += np.where(np.arange(len(y3)) < 30, 2.0, 0.3)  # the two-class group looks best
+    p3 /= p3.sum(1, keepdims=True)
+    column = subgroup_metrics(y3, p3, {"g": ["two"] * 30 + ["C"] * 30 + ["D"] * 30}, resamples=50)["columns"]["g"]
+    assert column["groups"]["two"]["auc"]["value"] == 1.0 and column["groups"]["two"]["missing_classes"] == 1
+    assert {column["worst_group"], column["best_group"]} == {"C", "D"}
+    from medvl.bench.runner import _unscored_groups  # bench run's skipped list says so
+
+    assert "1 scored group lacking one of the scored records' classes: an AUC over fewer classes, left out of the " \
+           "worst-group gap" in (_unscored_groups(column, len(y3), 10, []) or "")
 
 
 def test_subgroup_inputs_are_checked():

@@ -194,6 +194,8 @@ def accuracy(y_true: np.ndarray, probabilities: np.ndarray) -> float:
 
 
 _METRIC_FUNCTIONS = {"auc": macro_auc, "balanced_accuracy": balanced_accuracy, "accuracy": accuracy}
+# metrics averaged over the classes a group holds: a group lacking one of the scored records' classes is not compared
+CLASS_AVERAGED = ("auc", "balanced_accuracy")
 # the bootstrap draws of each metric's interval (``medvl.eval.bootstrap``), for bench run's headline rows, the
 # subgroup rows and the worst-group gap alike: AUC's stratified by class; accuracy's and balanced accuracy's plain,
 # the class mix varying as it does between samples (balanced accuracy's without the draws lacking a class)
@@ -217,18 +219,23 @@ def subgroup_metrics(y_true: np.ndarray | Sequence[int], probabilities: np.ndarr
     two groups. The two are chosen on all records, so the gap interval does not cover that choice. A ``rough``
     group (a class of fewer than ``SMALL_CLASS`` records) is scored and kept, but is neither: its "95 %" interval
     covers the true value far less often (about 56 % with one record of a class, 74 % with two), and a gap drawn
-    from it would look significant when it is not.
+    from it would look significant when it is not. With a class-averaged ``headline`` (``CLASS_AVERAGED``: AUC,
+    balanced accuracy) a group lacking one of the scored records' classes is neither either: its metric averages
+    over fewer classes (a one-class group's balanced accuracy is its recall of that class).
 
     Returns ``n``, ``units`` (distinct units of all records; ``n`` without ``units``), ``headline``, ``min_size``,
     ``level`` and ``columns``: per column ``groups`` (per value: ``n``, ``units`` (its distinct units),
     ``smallest_class`` (the fewest records of a class present), ``rough`` (``smallest_class`` under
-    ``SMALL_CLASS``: its intervals are rough, and it is left out of the worst-group choice) and each metric as
+    ``SMALL_CLASS``: its intervals are rough, and it is left out of the worst-group choice), ``missing_classes``
+    (how many of the scored records' classes it lacks) and each metric as
     ``{value, low, high, resamples}``, or None for AUC of a single-class group; each metric's interval takes the
     draws ``DRAWS`` names: AUC's stratified by class), ``too_small`` (age band -> its units: the bands medvl
     names), ``unnamed_small_groups`` and ``unnamed_small_records`` (how many other values are too small, and their
     records: counted, never named, since a rare value may be free text or an identifier), ``rough_groups`` (how
-    many scored groups are ``rough``), ``missing`` (records without a value), ``worst_group``, ``best_group`` and
-    ``gap`` (None when fewer than two groups are scored and not rough).
+    many scored groups are ``rough``), ``incomplete_groups`` (how many lack a class and were left out of the
+    worst-group choice for it: 0 with the ``accuracy`` headline), ``missing`` (records without a value),
+    ``worst_group``, ``best_group`` and ``gap`` (None when fewer than two groups are scored, not rough and, for a
+    class-averaged headline, holding every class).
     """
     y, scores = _check_scores(y_true, probabilities)
     check_number("min_size", min_size, minimum=1, integer=True)
@@ -283,11 +290,16 @@ def _column_metrics(y: np.ndarray, scores: np.ndarray, labels: list[str | None],
 
     scored = {name: index for name, index in members.items() if size(index) >= min_size}
     small = {name: index for name, index in members.items() if name not in scored}
-    groups = {name: {**_group_metrics(y[index], scores[index], settings | unit_of(index)), "units": size(index)}
+    classes = len(np.unique(y))
+    groups = {name: {**_group_metrics(y[index], scores[index], settings | unit_of(index)), "units": size(index),
+                     "missing_classes": classes - len(np.unique(y[index]))}
               for name, index in scored.items()}
-    # a rough group's interval covers far less than its level: it would make a gap look significant that is not
+    # a rough group's interval covers far less than its level: it would make a gap look significant that is not;
+    # a class-averaged headline (AUC, balanced accuracy) of a group lacking a class averages over fewer classes (a
+    # one-class group's balanced accuracy is its recall of that class): not the metric the other groups have
+    averaged = headline in CLASS_AVERAGED
     ranked = sorted((g[headline]["value"], name) for name, g in groups.items()
-                    if g[headline] is not None and not g["rough"])
+                    if g[headline] is not None and not g["rough"] and not (averaged and g["missing_classes"]))
     worst, best, gap = None, None, None
     if len(ranked) >= 2:
         worst, best = ranked[0][1], ranked[-1][1]
@@ -303,6 +315,7 @@ def _column_metrics(y: np.ndarray, scores: np.ndarray, labels: list[str | None],
             "unnamed_small_groups": sum(name not in _BAND_NAMES for name in small),
             "unnamed_small_records": sum(len(index) for name, index in small.items() if name not in _BAND_NAMES),
             "rough_groups": sum(group["rough"] for group in groups.values()),
+            "incomplete_groups": sum(bool(group["missing_classes"]) for group in groups.values()) if averaged else 0,
             "missing": sum(label is None for label in labels),
             "worst_group": worst, "best_group": best, "gap": gap}
 
