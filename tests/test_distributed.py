@@ -116,6 +116,95 @@ def test_console_script_keeps_the_exit_code(phantom_dir, tmp_path):
 
 
 
+
+_PEER_GOES_AWAY = """
+import importlib, os, sys, time
+import torch
+distributed = importlib.import_module("medvl.train.distributed")
+from medvl.errors import PeerLostError
+
+assert distributed.init_from_env()
+distributed.mean_over_ranks({"a": 1.0})
+if distributed.rank() == 1:
+    os._exit(0)  # gone without a word, as a rank the kernel killed for memory
+time.sleep(1)
+try:
+    with distributed.peers_watched():
+        raise RuntimeError("a bug of its own")
+except RuntimeError as error:
+    assert not isinstance(error, PeerLostError), error  # only a lost peer is told apart
+try:
+    with distributed.peers_watched():
+        for _ in range(3):
+            distributed.average_gradients(torch.nn.Linear(2, 2))
+            distributed.mean_over_ranks({"a": 1.0})
+except PeerLostError as error:
+    print("PEER LOST:", error, flush=True)
+    os._exit(0)
+os._exit(4)
+"""
+
+
+def test_a_collective_whose_peer_went_away_is_a_peer_lost_error(tmp_path):
+    """gloo ends a collective whose peer process is gone with a RuntimeError ("Connection closed by peer"): a
+    traceback of some 100 lines that buried the other rank's one-line reason. peers_watched makes it one error."""
+    script = tmp_path / "peer.py"
+    script.write_text(_PEER_GOES_AWAY, encoding="utf-8")
+    done = _torchrun(2, str(script))
+    said = [line for line in done.stdout.splitlines() if line.startswith("PEER LOST:")]
+    assert said == ["PEER LOST: rank 0: another process of the training group stopped while this one waited for it "
+                    "(its own output says why); this process stops too. The last checkpoint, if one was written, is "
+                    "kept: run the same command with --resume"], done.stdout + done.stderr[-2000:]
+
+
+def test_medvl_train_whose_other_rank_is_killed_ends_in_one_line(phantom_dir, tmp_path):
+    """A rank killed mid-run (out of memory) left the other with gloo's ~100-line traceback, exit 1, and a second
+    traceback when torchrun's SIGTERM came during its teardown: now one line (or `terminated`, when torchrun's
+    SIGTERM comes first), the checkpoint kept for --resume."""
+    import os
+    import signal
+    import time
+
+    medvl, torchrun = shutil.which("medvl"), shutil.which("torchrun")
+    assert medvl is not None and torchrun is not None
+    out = tmp_path / "out"
+    launched = subprocess.Popen([torchrun, "--standalone", "--nproc-per-node=2", "--no-python", medvl, "train",
+                                 "--data", str(phantom_dir), "--out", str(out), "--model", "phantom-tiny", "--epochs",
+                                 "200", "--batch-size", "8", "--checkpoint-every", "2", "-q"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoint").is_dir() and time.monotonic() < deadline and launched.poll() is None:
+            time.sleep(0.5)
+        assert (out / "checkpoint").is_dir(), "no checkpoint within 300 s"
+        ranks = {}  # the two medvl processes of this run, by the RANK torchrun gave them
+        for entry in Path("/proc").iterdir():
+            try:
+                if not entry.name.isdigit():
+                    continue
+                command = (entry / "cmdline").read_bytes().split(b"\0")
+                environment = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if str(out).encode() in command and os.path.basename(command[0]) != b"torchrun" and \
+                    any(item.startswith(b"RANK=") for item in environment):
+                rank = next(item for item in environment if item.startswith(b"RANK="))[5:].decode()
+                ranks[rank] = int(entry.name)
+        assert set(ranks) == {"0", "1"}, ranks
+        os.kill(ranks["1"], signal.SIGKILL)
+        stdout, stderr = launched.communicate(timeout=300)
+    finally:
+        if launched.poll() is None:
+            launched.kill()
+    assert launched.returncode != 0
+    codes = dict(re.findall(r"rank\s+:\s*(\d+) \(local_rank.*?\n.*?exitcode\s+:\s*(-?\d+)", stderr, re.S))
+    assert codes.get("0") in {"1", "143"}, stderr[-3000:]
+    assert "[rank0]" not in stderr and "RuntimeError" not in stderr and "Terminated" not in stderr, stderr[-3000:]
+    if codes["0"] == "1":
+        assert "another process of the training group stopped" in stderr, stderr[-3000:]
+    assert (out / "checkpoint" / "state.pt").is_file()  # kept: --resume goes on from it
+
+
 _SIGTERM_DURING_THE_EXIT = """
 import importlib, logging, os, signal, sys, time
 distributed = importlib.import_module("medvl.train.distributed")  # medvl.train is also a function

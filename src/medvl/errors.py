@@ -62,6 +62,11 @@ class TrainingError(MedvlError):
     """Training cannot go on: the loss or the gradients became NaN or infinite."""
 
 
+class PeerLostError(TrainingError):
+    """Another process of a torchrun group stopped (its own error, a kill) while this one waited on it in a
+    collective: this process cannot go on either; the other's output says why."""
+
+
 def run_script(main) -> None:
     """Run a script's ``main()`` (the benchmarks/ scripts) as ``medvl`` runs a command: a ``MedvlError`` is one
     line on stderr and exit code 2, not a traceback."""

@@ -14,9 +14,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..errors import MedvlError
+from ..errors import MedvlError, PeerLostError
 from ..io import InputPaths
 from .exits import EXIT_BAD_INPUT as EXIT_BAD_INPUT
+from .exits import EXIT_FAILED as EXIT_FAILED
 from .exits import EXIT_INTERRUPTED as EXIT_INTERRUPTED
 from .exits import EXIT_TERMINATED as EXIT_TERMINATED
 
@@ -96,6 +97,9 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
+        except PeerLostError as err:  # not the input's fault: the other rank's own output names the problem
+            print_error(str(err))
+            raise typer.Exit(EXIT_FAILED) from None
         except MedvlError as err:
             print_error(_named_as_option(command, err))
             raise typer.Exit(EXIT_BAD_INPUT) from None

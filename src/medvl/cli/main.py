@@ -378,6 +378,9 @@ def run() -> None:
         code = done.code
     except Terminated:
         code = EXIT_TERMINATED
+    except BaseException:  # a bug's traceback: printed as Python prints it, a late SIGTERM not raising inside it
+        exit_at_once_on_sigterm()
+        raise
     else:
         code = 0
     if _sigterm_received:  # also when it came before a command's own handling (click says "Aborted!")

@@ -23,13 +23,14 @@ import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 
-from ..errors import InputError
+from ..errors import InputError, PeerLostError
 
 log = logging.getLogger(__name__)
 _joined_rank: int | None = None  # this process's rank in the group init_from_env joined (kept once it is left)
@@ -141,6 +142,31 @@ def shutdown() -> None:
 def joined() -> bool:
     """True if ``init_from_env`` joined a process group in this process (whether or not it was left since)."""
     return _joined_rank is not None
+
+
+@contextlib.contextmanager
+def peers_watched() -> Iterator[None]:
+    """Turn a collective's failure because another rank went away into ``PeerLostError`` (one line at the CLI).
+
+    A rank that stops on its own error (a full disk while writing a checkpoint) or is killed (out of memory) leaves
+    the others waiting in a collective, which gloo ends with a ``RuntimeError`` ("Connection closed by peer",
+    "Connection reset by peer"): a traceback of some 100 lines that buried the first rank's one-line reason.
+    """
+    try:
+        yield
+    except RuntimeError as error:
+        if not joined() or not _lost_peer(error):
+            raise
+        raise PeerLostError(f"rank {_joined_rank}: another process of the training group stopped while this one "
+                            "waited for it (its own output says why); this process stops too. The last checkpoint, "
+                            "if one was written, is kept: run the same command with --resume") from None
+
+
+def _lost_peer(error: RuntimeError) -> bool:
+    """A collective that failed because a peer's connection went away (gloo's transport or torch's c10d errors)."""
+    text = str(error).lower()
+    return isinstance(error, dist.DistNetworkError) or any(
+        sign in text for sign in ("connection closed by peer", "connection reset by peer", "broken pipe"))
 
 
 def exit_process(code: int) -> NoReturn:

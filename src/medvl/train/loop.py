@@ -595,7 +595,8 @@ def fit(objective: Objective, config: TrainConfig, out_dir: str | Path, resume: 
     with _run_folder_held(out_dir) if distributed.is_main() else contextlib.nullcontext():  # rank 0 writes
         try:
             run = _Run(objective, config, out_dir, state, show_progress and distributed.is_main(), on_epoch_end)
-            trained = run.run()
+            with distributed.peers_watched():  # another rank gone: one line, not gloo's traceback
+                trained = run.run()
         except WriteError:
             if state is None and distributed.is_main():  # a fresh run: nothing of it is worth keeping without a model
                 _remove_run_output(out_dir, present)
