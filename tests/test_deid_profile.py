@@ -228,13 +228,43 @@ def test_dicognito_replaces_the_ids_the_profile_keeps_as_dummies(keyword):
 
 
 def test_report_does_not_depend_on_the_date_offset(tmp_path):
-    """Seed 5 gives dicognito a whole-day offset (times keep their values), seed 1 does not; both
-    reports list the same replaced attributes (the README's count was not reproducible)."""
-    from dicognito.anonymizer import Anonymizer
-
-    probe = pydicom.dcmread(CT)
-    Anonymizer(seed="5").anonymize(probe)
-    assert probe.StudyTime == pydicom.dcmread(CT).StudyTime  # the whole-day case
+    """Seeds 1 and 5 give different offsets; both reports list the same replaced attributes (the README's
+    count was not reproducible). Times of day keep their values (a whole-day offset): not replaced."""
     reports = [deidentify(CT, tmp_path / f"{seed}.dcm", seed=seed) for seed in (1, 5)]
     assert reports[0]["totals"]["replaced"] == reports[1]["totals"]["replaced"]
-    assert "StudyTime" in reports[1]["totals"]["replaced"]
+    assert "StudyDate" in reports[1]["totals"]["replaced"] and "StudyTime" not in reports[1]["totals"]["replaced"]
+    original, shifted = pydicom.dcmread(CT), [pydicom.dcmread(tmp_path / f"{seed}.dcm") for seed in (1, 5)]
+    assert all(out.StudyTime == original.StudyTime and out.StudyDate != original.StudyDate for out in shifted)
+    assert shifted[0].StudyDate != shifted[1].StudyDate
+
+
+def test_one_real_date_gives_one_pseudo_date_with_or_without_its_time(tmp_path):
+    """Two files of one study, one with Study / Series Time late in the day and one with an empty Study Time
+    (Type 2) and no Series Time: dicognito's own offset, a whole number of hours (seed 1: 3 hours more than
+    whole days), moved 20040119 23:59 and 20040119 (from 00:00) to two dates a day apart. The whole-day
+    offset moves both alike, 62 to 730 days back, the same with the same seed."""
+    import datetime
+
+    for index, (study_time, series_time) in enumerate([("235900", "235930"), ("", None)], 1):
+        ds = pydicom.dcmread(CT)
+        ds.StudyDate = ds.SeriesDate = "20040119"
+        ds.StudyTime = study_time
+        if series_time is None:
+            del ds.SeriesTime
+        else:
+            ds.SeriesTime = series_time
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{UID_ROOT}.{index}"
+        ds.InstanceNumber, ds.ImagePositionPatient = index, [0, 0, float(index)]
+        (tmp_path / "in").mkdir(exist_ok=True)
+        ds.save_as(tmp_path / "in" / f"slice{index}.dcm")
+    dates = []
+    for run in ("a", "b"):
+        deidentify(tmp_path / "in", tmp_path / run, seed=1)
+        outputs = [pydicom.dcmread(tmp_path / run / "study_001" / "series_001" / f"image_000{i}.dcm") for i in (1, 2)]
+        dates.append({(out.StudyDate, out.SeriesDate) for out in outputs})
+        assert len(dates[-1]) == 1, dates[-1]  # one pseudo-date for both files
+        assert outputs[0].StudyTime == "235900" and outputs[0].SeriesTime == "235930"  # times of day kept
+    assert dates[0] == dates[1]  # the same seed, the same shift
+    (study_date, series_date), = dates[0]
+    days = (datetime.date(2004, 1, 19) - datetime.datetime.strptime(study_date, "%Y%m%d").date()).days
+    assert study_date == series_date and 62 <= days <= 730

@@ -394,6 +394,43 @@ def test_an_enhanced_multiframe_file_with_frames_in_different_planes_is_not_a_vo
     assert "skipped 1 multi-frame files that are not a volume" in caplog.text
 
 
+def test_an_enhanced_multiframe_file_of_several_positions_over_time_points_is_refused_as_4d(tmp_path, caplog):
+    """Review finding: eCT_Supplemental's 2 frames (z -159 and -149) repeated at a second time point (4 frames) were
+    read by read_image / read_dicom_image as a 4-slice volume jumping back and forth in z, with no word, while
+    load_volume refused the same file naming only its folder. Both now refuse it naming the file; the frames of a
+    cine (every frame at one position) are still read as stored."""
+    import copy
+
+    from medvl.clinical.readers import read_dicom_image
+    from medvl.data.images import read_image
+    from medvl.data.loaders.dicom import load_dicom_folder
+
+    ds = pydicom.dcmread(get_testdata_file("eCT_Supplemental.dcm"))
+    frames, groups = ds.pixel_array, ds.PerFrameFunctionalGroupsSequence
+    ds.NumberOfFrames = 4
+    ds.PerFrameFunctionalGroupsSequence = [copy.deepcopy(groups[index]) for index in (0, 1, 0, 1)]
+    ds.PixelData = np.concatenate([frames, frames + 100]).astype(frames.dtype).tobytes()
+    (tmp_path / "dynamic").mkdir()
+    path = tmp_path / "dynamic" / "ect_4d.dcm"
+    ds.save_as(path)
+    refusal = rf"^{re.escape(str(path))}: frames at 2 positions repeated over 2 time points: a 4D file.*split it"
+    for read in (read_dicom_image, lambda file: read_image(file, modality_values=True),
+                 lambda file: load_volume(file.parent)):
+        with pytest.raises(DataError, match=refusal):
+            read(path)
+    shutil.copy(get_testdata_file("CT_small.dcm"), tmp_path / "dynamic" / "image.dcm")
+    assert [record.meta["kind"] for record in load_dicom_folder(tmp_path / "dynamic")] == ["image"]
+    assert "skipped 1 multi-frame files that are not a volume" in caplog.text
+    (tmp_path / "dynamic" / "image.dcm").unlink()
+    for group in ds.PerFrameFunctionalGroupsSequence:  # a cine: all 4 frames at z -159, read as stored
+        group.PlanePositionSequence = copy.deepcopy(groups[0].PlanePositionSequence)
+    ds.save_as(path)
+    np.testing.assert_array_equal(read_image(path, modality_values=True), read_dicom(path)[0])
+    assert read_dicom_image(path).shape == (4, *frames.shape[1:])
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: all 4 frames at one position"):
+        load_volume(tmp_path / "dynamic")
+
+
 def test_the_mni_template_written_as_an_axial_dicom_series_reads_back_as_read_nifti_reads_it(tmp_path):
     nilearn = pytest.importorskip("nilearn")
     template = Path(nilearn.__file__).parent / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"

@@ -15,12 +15,13 @@ works on one file or a folder. For every DICOM file, in this order:
    ...) with dummy values, and every UID except class and transfer syntax UIDs. The same input UID
    gives the same output UID within a run, so studies, series and references between files stay
    linked; with the same ``seed`` a later run gives the same UIDs and dummies (without it, runs
-   cannot be linked). All dates and date-times move back by one offset per run (62 to 730 days),
-   keeping intervals (the profile's "Retain Longitudinal Temporal Information with Modified Dates"
-   option). A dummy name part that equals a part of the real name is dropped
-   (``identifiers.drop_name_parts``), and a random dummy ID that holds a patient identifier by chance
-   (a patient ID as short as ``X1``) is replaced by the run's keyed pseudonym
-   (``reroll_chance_identifiers``).
+   cannot be linked). All dates and date-times move back by one offset per run, a whole number of
+   days (62 to 730, from the seed: ``RunAnonymizer``), so times of day keep their values, intervals are
+   kept and one real date gives one pseudo-date whether or not its time is given (the profile's "Retain
+   Longitudinal Temporal Information with Modified Dates" option). A dummy name part that equals a part
+   of the real name is dropped (``identifiers.drop_name_parts``), and a random dummy ID that holds a
+   patient identifier by chance (a patient ID as short as ``X1``) is replaced by the run's keyed
+   pseudonym (``reroll_chance_identifiers``).
 2. Clean Descriptors (``descriptors``, on unless ``clean_descriptors=False`` / ``--keep-descriptors``):
    short descriptors (Study / Series Description, Protocol Name, Body Part Examined, Manufacturer's
    Model Name, RT labels...) are kept only when made of allow-listed technical words, else blanked;
@@ -114,7 +115,8 @@ BURNED_IN_MODALITIES = {"US": "ultrasound", "SC": "secondary capture", "OT": "ot
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # and its .1 to .4 multi-frame variants
 ULTRASOUND_CLASSES = ("1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.5.1.4.1.1.6.2", "1.2.840.10008.5.1.4.1.1.3.1")
 _DUMMY_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
-SHIFTED = "shifted"  # snapshot mark of a date or time dicognito moved
+SHIFTED = "shifted"  # snapshot mark of a date dicognito moved
+OFFSET_DAYS = (62, 730)  # the range of a run's date shift (back), in whole days
 
 
 def _require_dicognito():
@@ -134,6 +136,12 @@ class RunAnonymizer:
     def __init__(self, seed: str | None = None):
         self._dicognito = _require_dicognito()(seed=seed)
         self._key = b"medvl dummy:" + seed.encode("utf-8") if seed is not None else os.urandom(32)
+        _shift_whole_days(self._dicognito, self._offset_days())
+
+    def _offset_days(self) -> int:
+        """The run's date shift in days, from the run's key (the same seed, the same shift)."""
+        digest = hmac.new(b"medvl date offset", self._key, hashlib.sha256).digest()
+        return OFFSET_DAYS[0] + int.from_bytes(digest[:8], "big") % (OFFSET_DAYS[1] - OFFSET_DAYS[0] + 1)
 
     def anonymize(self, ds) -> None:
         blanked = blank_unshiftable_dates(ds)
@@ -151,6 +159,32 @@ class RunAnonymizer:
         return "ANON" + "".join(letters)
 
 
+def _shift_whole_days(anonymizer, days: int) -> None:
+    """Make dicognito shift dates back by ``days`` whole days. Its own offset is a random number of hours: a
+    date shifted with its time (Study Date with Study Time) and one without (an empty Type 2 Study Time, a
+    Content Date alone) start from different hours, so one real date became two pseudo-dates a day apart in
+    one run. With whole days every date moves alike and times of day keep their values."""
+    from dicognito.datetimeanonymizer import DateTimeAnonymizer
+
+    class WholeDayShift(DateTimeAnonymizer):
+        """A DA whose keyword names no date (Selector DA Value) is shifted alone: dicognito pairs a date with
+        the time named like it (``StudyDate`` -> ``StudyTime``), here the element itself, and wrote the date's
+        own digits back over the shifted date (under a whole-day offset, the original date)."""
+
+        def __call__(self, dataset, data_element) -> bool:
+            if data_element.VR == "DA" and data_element.value and "Date" not in data_element.keyword:
+                dates = _values(data_element.value)
+                data_element.value = [self._shift_datetime(date.replace(".", "")) for date in dates]
+                return True
+            return super().__call__(dataset, data_element)
+
+    handlers = getattr(anonymizer, "_element_handlers", [])
+    found = [i for i, handler in enumerate(handlers) if type(handler) is DateTimeAnonymizer]
+    if len(found) != 1:  # a dicognito whose internals changed: never fall back to its hour offset
+        raise DataError(None, f"this dicognito version's date shift cannot be set to whole days: {INSTALL_HINT}")
+    handlers[found[0]] = WholeDayShift(-24 * days)
+
+
 def blank_unshiftable_dates(ds) -> int:
     """Empty every DA / DT value (in the data set and in every sequence item) that dicognito cannot shift, and
     a DA's paired time (``StudyDate`` / ``StudyTime``) with it: "20199999", "ZZ", hour 24. dicognito would raise
@@ -162,9 +196,9 @@ def blank_unshiftable_dates(ds) -> int:
         if element.VR not in ("DA", "DT") or not element.value:
             return
         time_element = None
-        if element.VR == "DA":
+        if element.VR == "DA" and "Date" in element.keyword:  # Selector DA Value is shifted alone
             time_name = element.keyword.replace("Date", "Time")
-            time_element = dataset.data_element(time_name) if time_name and time_name in dataset else None
+            time_element = dataset.data_element(time_name) if time_name in dataset else None
         dates = _values(element.value)
         times = _values(time_element.value) if time_element is not None and time_element.value else []
         pairs = [(date.replace(".", ""), (times[i] if i < len(times) else "").replace(":", ""))
@@ -231,9 +265,8 @@ def burned_in_risk(ds) -> str | None:
 
 def _snapshot(ds, prefix: str = "") -> dict[str, Any]:
     """Element path -> comparable value (bulk data by length): what changed is reported by path.
-    Dates dicognito shifts (DA, DT, and a TM with its date) are marked ``SHIFTED``: they are reported
-    as replaced even when a whole-day offset leaves a time as it was, so a report does not depend on
-    the run's random offset."""
+    Dates dicognito shifts (DA, DT) are marked ``SHIFTED`` and always reported as replaced; times of
+    day (TM) keep their values under the run's whole-day offset and are not reported."""
     from pydicom.datadict import keyword_for_tag
 
     values: dict[str, Any] = {}
@@ -246,8 +279,7 @@ def _snapshot(ds, prefix: str = "") -> dict[str, Any]:
                 values.update(_snapshot(item, f"{name}[{index}]>"))
         elif element.VR in ("OB", "OW", "OF", "OD", "OL", "OV", "UN"):
             values[name] = ("bytes", len(element.value or b""))
-        elif element.value not in (None, "") and (element.VR in ("DA", "DT") or (
-                element.VR == "TM" and element.keyword.replace("Time", "Date") in ds)):
+        elif element.value not in (None, "") and element.VR in ("DA", "DT"):
             values[name] = (SHIFTED, str(element.value))
         else:
             values[name] = str(element.value)
@@ -517,7 +549,8 @@ def _report(entries: list[dict[str, Any]], skipped: Counter, seeded: bool, clean
         "files_written": len(entries),
         "skipped": dict(sorted(skipped.items())),
         "uids": "replaced, consistent within this run" + (" and in any run with the same seed" if seeded else ""),
-        "dates": "shifted back by one offset for the run (62 to 730 days), intervals kept",
+        "dates": "shifted back by one whole-day offset for the run (62 to 730 days); times of day and "
+                 "intervals kept",
         "totals": {
             "replaced": dict(sorted(replaced.items())),
             "removed": dict(sorted(removed.items())),

@@ -1219,6 +1219,25 @@ def slice_stack(orientation: np.ndarray,
     return order, gaps, float(np.median(gaps)) if distinct else None
 
 
+def position_counts(orientation: np.ndarray, positions: Sequence[np.ndarray]) -> list[int]:
+    """How many slices (frames) sit at each distinct position along the slice normal, in stack order (``slice_stack``):
+    all 1 for a volume, a single count for one slice over time (a cine), counts above 1 at several positions for a
+    4D (dynamic) acquisition or duplicates."""
+    order, gaps, _ = slice_stack(orientation, positions)
+    return [len(part) for part in np.split(order, np.flatnonzero(gaps >= MIN_SLICE_GAP_MM) + 1)]
+
+
+def repeated_frames(counts: Sequence[int]) -> str:
+    """Why a multi-frame file whose frames repeat positions (``position_counts``) is not one volume, in words."""
+    if len(counts) == 1:
+        return f"all {counts[0]} frames at one position (one slice over time, a cine): not a volume"
+    if len(set(counts)) == 1:
+        return (f"frames at {len(counts)} positions repeated over {counts[0]} time points: a 4D file, not one "
+                "volume; split it into one volume per time point")
+    return (f"{sum(counts)} frames at {len(counts)} positions, some repeated (up to {max(counts)} at one position: "
+            "time points or duplicates): not one volume; split it")
+
+
 def missing_slices(orientation: np.ndarray, positions: Sequence[np.ndarray],
                    stack: tuple[np.ndarray, np.ndarray, float | None] | None = None) -> str | None:
     """Where a stack of slices (``slice_stack``'s input) has a hole, in words, or None: a gap between neighbours
@@ -1338,20 +1357,24 @@ def _numbers_text(values: Sequence[float] | np.ndarray) -> str:
 
 
 def _volume_order(first: Path, orientation: np.ndarray, positions: Sequence[np.ndarray],
-                  what: str = "the series", pixel_mm: float = 1.0) -> tuple[np.ndarray, float]:
+                  what: str = "the series", pixel_mm: float = 1.0,
+                  multiframe: bool = False) -> tuple[np.ndarray, float]:
     """``slice_stack`` for a volume being loaded: shared positions, a missing slice (``missing_slices``) and a slice
     off the line the others follow (``off_axis_slice``; ``pixel_mm``: the finer pixel spacing) are a DataError
-    naming ``what``; other uneven gaps and a gantry tilt (the slices' centres on a line slanted from the normal by
-    more than half a pixel over the stack) a warning. A tilted stack is stacked as acquired (not resampled: sheared
-    against the patient's axes, as a viewer shows the slices); the spacing is the distance along the normal."""
+    naming ``what`` (``multiframe``: the frames of the one file ``first``, named itself, not its folder); other
+    uneven gaps and a gantry tilt (the slices' centres on a line slanted from the normal by more than half a pixel
+    over the stack) a warning. A tilted stack is stacked as acquired (not resampled: sheared against the patient's
+    axes, as a viewer shows the slices); the spacing is the distance along the normal."""
     order, gaps, spacing = stack = slice_stack(orientation, positions)
+    if spacing is None and multiframe:
+        raise DataError(first, repeated_frames(position_counts(orientation, positions)))
     if spacing is None:
         raise DataError(first.parent, "two slices share one position: the series mixes acquisitions "
                                       "(or holds duplicates); split it first")
     line = slice_line(orientation, positions, order)  # once: the off-line check and the tilt warning read it
     hole = volume_hole(orientation, positions, stack, pixel_mm, line)
     if hole is not None:
-        raise DataError(first.parent, f"{what}: {hole}")
+        raise DataError(first, hole) if multiframe else DataError(first.parent, f"{what}: {hole}")
     tilt, _, drift = line
     if drift > OFF_AXIS_PIXELS * pixel_mm:
         log.warning("%s: %s: the slices' centres drift %.3g mm in-plane over the stack, a gantry tilt of %.3g "
@@ -1482,17 +1505,18 @@ def multiframe_to_ras(path: Path, frames: np.ndarray) -> np.ndarray:
 
 def multiframe_volume(path: Path, frames: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float]] | None:
     """``multiframe_to_ras``'s RAS volume of a multi-frame file's frames and its spacing in mm, or None when the
-    frames are not placed in space as one volume (they are then read as stored)."""
+    frames are not placed in space as one volume (they are then read as stored). Frames at several positions some of
+    which repeat (a 4D file: 2 positions x 2 time points) are a DataError, as in ``load_volume``."""
     ds = read_dataset(path, header_only=True)
     count = _frame_count(ds)
     placement = frame_placement(ds, count)
     if count < 2 or frames.ndim != 3 or len(frames) != count or placement is None or not one_plane(placement[0]):
         return None
     orientation, positions = _placed_frames(path, *placement)
-    if slice_stack(orientation, positions)[2] is None:  # frames at one position (dynamic, cine): no volume to place
+    if len(position_counts(orientation, positions)) == 1:  # every frame at one position (cine): no volume to place
         return None
     spacing = one_pixel_spacing([path] * count, frame_pixel_spacings(ds, count), "frames", "frame") or [1.0, 1.0]
-    ranking, dz = _volume_order(path, orientation, positions, path.name, min(spacing))
+    ranking, dz = _volume_order(path, orientation, positions, path.name, min(spacing), multiframe=True)
     return to_ras(frames[ranking], orientation, (dz, spacing[0], spacing[1]))
 
 
@@ -1548,7 +1572,7 @@ def _volume_from_multiframe(path: Path, window: WindowSpec | None) -> tuple[np.n
     spacing = one_pixel_spacing([path] * frames, frame_pixel_spacings(ds, frames), "frames", "frame")
     if not spacing:
         raise DataError(path, "no Pixel Spacing in the header")
-    ranking, dz = _volume_order(path, orientation, positions, path.name, min(spacing))
+    ranking, dz = _volume_order(path, orientation, positions, path.name, min(spacing), multiframe=True)
     array, meta = read_dicom(path, window=window)
     if meta["color"] or array.ndim != 3:
         raise DataError(path, f"expected grayscale frames, got shape {array.shape}")

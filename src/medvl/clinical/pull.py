@@ -451,7 +451,8 @@ def _deid_summary(entries: list[dict[str, Any]], at_risk_paths: list[str]) -> di
                     "encapsulated document (Burned In Annotation YES, or ultrasound / secondary capture / "
                     "document...), which de-identification does not change", len(at_risk))
     return {"profile": PROFILE, "tool": f"dicognito {dicognito_version}",
-            "uids": "replaced, consistent within the pull", "dates": "shifted back by one offset per pull",
+            "uids": "replaced, consistent within the pull",
+            "dates": "shifted back by one whole-day offset per pull (62 to 730 days); times of day kept",
             "files_this_run": len(entries), "replaced": dict(sorted(replaced.items())),
             "removed": dict(sorted(removed.items())),
             "private_tags_removed": sum(entry["private_tags_removed"] for entry in entries),

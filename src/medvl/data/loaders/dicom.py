@@ -174,8 +174,15 @@ def _stackable(series, headers: list[_Header]) -> float | None:
 
 def _multiframe_volume(header: _Header) -> bool:
     """An enhanced CT / MR / PET file whose frames are placed in space in one plane orientation (``read_image``
-    stacks the same files into a volume: ``medvl.clinical.dicom.multiframe_to_ras``)."""
-    from ...clinical.dicom import distinct_spacings, frame_pixel_spacings, frame_placement, one_plane
+    stacks the same files into a volume: ``medvl.clinical.dicom.multiframe_to_ras``), and not at several positions
+    some of which repeat (a 4D file, which ``read_image`` refuses)."""
+    from ...clinical.dicom import (
+        distinct_spacings,
+        frame_pixel_spacings,
+        frame_placement,
+        one_plane,
+        position_counts,
+    )
 
     ds = header.ds
     if header.frames < 2 or str(ds.get("Modality") or "") not in VOLUME_MULTIFRAME_MODALITIES:
@@ -184,8 +191,11 @@ def _multiframe_volume(header: _Header) -> bool:
     if not per_frame or len(per_frame) < header.frames:
         return False
     placement = frame_placement(ds, header.frames)
-    return placement is not None and one_plane(placement[0]) and \
-        len(distinct_spacings(frame_pixel_spacings(ds, header.frames))) <= 1
+    if placement is None or not one_plane(placement[0]):
+        return False
+    counts = position_counts(placement[0][0], placement[1])  # a cine (one position) is read as stored
+    four_d = len(counts) > 1 and max(counts) > 1
+    return not four_d and len(distinct_spacings(frame_pixel_spacings(ds, header.frames))) <= 1
 
 
 def _text(value: Any) -> str | None:
