@@ -383,3 +383,37 @@ def test_ray_workers_on_a_local_ray_follow_the_cores(model_dir, data_with_duplic
             RayEmbedder(model_dir, workers=2, address="local")
     finally:
         os.sched_setaffinity(0, allowed)
+
+
+_SIGTERM_AFTER_RAY_INIT = """
+import os, signal, sys, time
+import ray
+from medvl.scale.ray_jobs import _init_ray
+
+received = []
+def ours(signum, frame):
+    received.append(signum)
+
+signal.signal(signal.SIGTERM, ours)
+_init_ray(ray, "local", 1)
+try:
+    print("handler kept:", signal.getsignal(signal.SIGTERM) is ours, flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.5)
+    print("received:", received, flush=True)
+finally:
+    ray.shutdown()
+"""
+
+
+def test_a_local_ray_keeps_the_sigterm_handler_in_place_before_it(tmp_path):
+    """ray.init put its own SIGTERM handling in place of medvl's: SIGTERM during `index build --ray` (docker stop, a
+    scheduler's preemption) dumped a C stack and aborted (exit 134) instead of `terminated`, exit 143."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _SIGTERM_AFTER_RAY_INIT], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "handler kept: True" in done.stdout and "received: [15]" in done.stdout, done.stdout + done.stderr[-2000:]
+    assert "SIGTERM received" not in done.stderr

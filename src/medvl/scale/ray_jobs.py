@@ -41,7 +41,9 @@ import logging
 import math
 import os
 import pickle
+import signal
 import socket
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -284,6 +286,9 @@ def _init_ray(ray, address: str | None, workers: int, name: str = "--address") -
     token_notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
     no_token_notice = _Dropping("Token authentication is enabled for this Ray cluster")  # docs/scaling.md
     token_notice.addFilter(no_token_notice)
+    # ray.init replaces the process's SIGTERM handling with its own (its core worker then dumps a C stack and
+    # aborts: exit 134); the handler in place before (medvl's: `terminated`, exit 143) is put back
+    sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     try:
         with _connect_attempts(None if local else RAY_CONNECT_ATTEMPTS):
             ray.init(**options)
@@ -293,6 +298,8 @@ def _init_ray(ray, address: str | None, workers: int, name: str = "--address") -
         raise InputError(f"{name} {address}: {err}") from None
     finally:
         token_notice.removeFilter(no_token_notice)
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
 
 
 def _named(name: str) -> str:
