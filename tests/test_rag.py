@@ -1581,8 +1581,8 @@ def test_a_draft_for_an_indexed_image_leaves_its_whole_case_out(model_dir, one_c
     assert "ravenswood" not in draft.text().lower()
     result, output = invoke("report", "draft", image, "--index", out, "--min-similarity", 0)
     assert result.exit_code == 0
-    assert (f"the query image is indexed as {nearest[0]}: its own report is left out of the draft, with the 2 "
-            "other image(s) of its case") in " ".join(output.split())
+    assert (f"the query image is indexed as {nearest[0]}: its own report is left out of the draft, with its case's "
+            "other images (2 among the nearest)") in " ".join(output.split())
 
 
 def test_case_retrieval_leaves_out_each_query_s_own_case(model_dir, one_case_index):

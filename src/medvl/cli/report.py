@@ -93,7 +93,7 @@ def print_draft(draft) -> None:
     copies = draft.settings.get("left_out_copies") or []
     siblings = draft.settings.get("left_out_same_case") or []
     if copies:
-        others = f", with the {len(siblings)} other image(s) of its case" if siblings else ""
+        others = f", with its case's other images ({len(siblings)} among the nearest)" if siblings else ""
         console.print(f"the query image is indexed as {', '.join(copies)}: its own report is left out of "
                       f"the draft{others}")
     if draft.ood.get("out_of_distribution"):
