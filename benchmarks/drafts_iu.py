@@ -1,9 +1,11 @@
 """Report drafts (``medvl.rag.draft_from_hits``) on real radiology reports: IU X-ray (Open-i).
 
 IU X-ray ships its reports without the images, so the neighbours of a query report stand in for an image
-search: its ``--k`` nearest reports of the ``--index-split`` by TF-IDF cosine similarity of the report text
-(scikit-learn), the similarity as the neighbour's score. That is an easier retrieval than from pixels (the
-text states the findings), so the figures measure the drafting policy on real report wording, not a model:
+search: its nearest reports of the ``--index-split`` by TF-IDF cosine similarity of the report text
+(scikit-learn), the similarity as the neighbour's score, until ``--k`` cases (distinct texts: IU has no case id,
+``medvl.rag.draft.one_per_case``) are found, as ``medvl report draft`` searches. That is an easier retrieval than
+from pixels (the text states the findings), so the figures measure the drafting policy on real report wording, not a
+model:
 
 - how often a draft abstains, and why (``disagree``: no consensus; ``no_wording``: a consensus finding has no
   sentence free of another patient's identifiers or of details the vote does not elect; ...);
@@ -35,6 +37,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from medvl import load_dataset
 from medvl.errors import run_script
 from medvl.index.base import Hit
+from medvl.index.search import first_cases
 from medvl.io import write_json
 from medvl.rag.draft import DEFAULT_K, draft_from_hits
 from medvl.rag.labels import POSITIVE, ReportLabeller
@@ -76,9 +79,11 @@ def main() -> None:
     answered, answered_at, nearest, majority, flagged, sentences = [], [], [], [], 0, []
     similarities = (query_vectors @ pool_vectors.T).toarray()
     for q, record in enumerate(queries):
-        order = np.argsort(-similarities[q], kind="stable")[:args.k]
-        hits = [Hit(id=pool[i].id, score=float(similarities[q, i]), split=pool[i].split, text=pool[i].text)
-                for i in order]
+        # the nearest reports of k cases, as ``medvl report draft`` searches: the same report text counts once
+        ranked = np.argsort(-similarities[q], kind="stable")
+        hits = first_cases([Hit(id=pool[i].id, score=float(similarities[q, i]), split=pool[i].split,
+                                text=pool[i].text) for i in ranked[:args.k * 20]], args.k)
+        order = ranked[:len(hits)]
         truth = positives(labeller.label(record.text))
         votes = Counter(name for i in order for name in pool_labels[i])
         nearest.append((truth, pool_labels[order[0]]))

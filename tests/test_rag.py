@@ -457,6 +457,11 @@ def test_knowledge_phrases_longer_than_the_text_encoder_reads_are_refused_naming
 # ------------------------------------------------------------------ drafts from given neighbours
 
 
+def case_hit(case_id: str, score: float, text: str) -> Hit:
+    """A neighbour of its own case (``case_id``): reports of several cases may be worded alike."""
+    return Hit(id=case_id, score=score, split="train", meta={"case_id": case_id}, text=text)
+
+
 def hits_of(records, scores=None) -> list[Hit]:
     scores = scores or [0.9] * len(records)
     return [Hit(id=r.id, score=s, split=r.split, labels=dict(r.labels), text=r.text)
@@ -500,7 +505,7 @@ def test_a_finding_sentence_carries_its_consensus_share_and_the_draft_says_its_r
                  "zone pulmonary nodule." for size in (5, 7, 9)],
                "FINDINGS: Pulmonary nodule in the left middle zone. IMPRESSION: Left middle zone pulmonary nodule.",
                "FINDINGS: The heart size is normal. The lungs are clear."]
-    hits = [Hit(id=f"case{i}", score=score, split="train", text=text)
+    hits = [case_hit(f"case{i}", score, text=text)
             for i, (text, score) in enumerate(zip(reports, [0.95, 0.9, 0.85, 0.8, 0.8], strict=True))]
     draft = draft_from_hits(hits, labeller, min_support=0.5)
     share = {f.name: f.support[f.consensus] for f in draft.findings if f.consensus}
@@ -527,7 +532,7 @@ def test_draft_does_not_mix_sides(labeller, by_finding):
     reports = ["FINDINGS: Large left pleural effusion. The right lung is clear. IMPRESSION: Left pleural effusion.",
                *["FINDINGS: Moderate left pleural effusion. IMPRESSION: Left pleural effusion."] * 2,
                *["FINDINGS: Large right pleural effusion. The left lung is clear. IMPRESSION: Right effusion."] * 2]
-    hits = [Hit(id=f"case{i}", score=0.9, split="train", text=text) for i, text in enumerate(reports)]
+    hits = [case_hit(f"case{i}", 0.9, text=text) for i, text in enumerate(reports)]
     text = draft_from_hits(hits, labeller).text().lower()
     assert "left pleural effusion" in text and "right pleural effusion" not in text
     assert "left lung is clear" not in text
@@ -541,7 +546,7 @@ def test_findings_and_impression_name_the_same_zone_and_size(labeller):
     reports = ["FINDINGS: Consolidation in the right upper zone. IMPRESSION: Right middle zone consolidation.",
                "FINDINGS: Consolidation in the right upper zone. IMPRESSION: No pleural effusion.",
                *["FINDINGS: Consolidation in the right middle zone. IMPRESSION: Right middle zone consolidation."] * 2]
-    hits = [Hit(id=f"case{i}", score=s, split="train", text=text)
+    hits = [case_hit(f"case{i}", s, text=text)
             for i, (text, s) in enumerate(zip(reports, [0.95, 0.9, 0.8, 0.8], strict=True))]
     draft = draft_from_hits(hits, labeller)
     stated = [s for s in draft.sentences if "consolidation" in s.findings]
@@ -551,7 +556,7 @@ def test_findings_and_impression_name_the_same_zone_and_size(labeller):
     nodules = ["FINDINGS: A 14 mm nodule in the left upper zone. IMPRESSION: Left upper zone nodule (14 mm).",
                "FINDINGS: A 14 mm nodule in the left upper zone. IMPRESSION: Left upper zone nodule.",
                *["FINDINGS: A 8 mm nodule in the left upper zone. IMPRESSION: Left upper zone nodule (8 mm)."] * 2]
-    hits = [Hit(id=f"case{i}", score=s, split="train", text=text)
+    hits = [case_hit(f"case{i}", s, text=text)
             for i, (text, s) in enumerate(zip(nodules, [0.95, 0.9, 0.8, 0.8], strict=True))]
     text = draft_from_hits(hits, labeller).text()
     assert "14 mm" in text and "8 mm" not in text
@@ -562,7 +567,7 @@ def test_a_tied_detail_is_not_drafted_and_an_opposite_side_is_not_a_source_of_th
     "8 mm"), and the right-sided reports were listed as sources of "Left pleural effusion". A tie (vote and
     nearest similarity) now leaves the detail out: a wording without it is drafted, or none."""
     def draft(texts, scores):
-        return draft_from_hits([Hit(id=f"c{i}", score=score, split="train", text=text)
+        return draft_from_hits([case_hit(f"c{i}", score, text=text)
                                 for i, (text, score) in enumerate(zip(texts, scores, strict=True))], labeller)
 
     sides = ["Right pleural effusion.", "Left pleural effusion."]
@@ -594,7 +599,7 @@ def test_far_abstention_shows_the_threshold_as_given_and_a_true_inequality(label
     """The reason rounded both sides to 3 decimals: --min-similarity 0.9999 read "1.000", and a similarity of
     0.9995 gave "1.000 < 1.000"."""
     def reason(score, threshold):
-        hit = Hit(id="c0", score=score, split="train", text="Large left pleural effusion.")
+        hit = case_hit("c0", score, text="Large left pleural effusion.")
         return draft_from_hits([hit], labeller, min_similarity=threshold).reason
 
     assert reason(0.9995, 0.9999).endswith("similarity 0.9995 < 0.9999 (min_similarity)")
@@ -608,7 +613,7 @@ def test_min_support_below_a_majority_is_refused(labeller, phantom_dir, train_in
     A consensus is a weighted majority: below 0.5 is refused (library, CLI; the service calls the same check)."""
     reports = ["Large left pleural effusion.", *["No pleural effusion. Lungs clear."] * 3,
                "Small left pleural effusion."]
-    hits = [Hit(id=f"c{i}", score=0.9, split="train", text=text) for i, text in enumerate(reports)]
+    hits = [case_hit(f"c{i}", 0.9, text=text) for i, text in enumerate(reports)]
     draft = draft_from_hits(hits, labeller)
     assert draft.consensus == {"no_finding": "positive", "pleural_effusion": "negative"}
     assert "No pleural effusion" in draft.text()
@@ -629,7 +634,7 @@ def test_a_draft_carries_no_dates_or_names_of_a_minority_of_neighbours(labeller)
     reports = [f"FINDINGS: Right pleural effusion. Compared with the radiograph of {date}, unchanged. Findings "
                f"discussed with Dr {doctor} by telephone. Two views (PA and lateral) of the chest. IMPRESSION: "
                f"Right pleural effusion, new since {date}." for date, doctor in zip(dates, doctors, strict=True)]
-    hits = [Hit(id=f"case{i}", score=0.9, split="train", text=text) for i, text in enumerate(reports)]
+    hits = [case_hit(f"case{i}", 0.9, text=text) for i, text in enumerate(reports)]
     draft = draft_from_hits(hits, labeller)
     text = draft.text()
     assert not draft.abstained and "Right pleural effusion" in text and "Two views (PA and lateral)" in text
@@ -638,14 +643,14 @@ def test_a_draft_carries_no_dates_or_names_of_a_minority_of_neighbours(labeller)
     # a name after a title, or where a person is named, is never stated either, however many neighbours share it
     # (it used to be once three neighbours holding a majority of the weight named the same doctor), nor a date
     shared = [reports[0]] * 3 + [reports[0].replace("Smith", "Jones")]
-    hits = [Hit(id=f"case{i}", score=0.9, split="train", text=text) for i, text in enumerate(shared)]
+    hits = [case_hit(f"case{i}", 0.9, text=text) for i, text in enumerate(shared)]
     text = draft_from_hits(hits, labeller).text()
     assert "Right pleural effusion" in text and "Two views (PA and lateral)" in text, text
     assert "Smith" not in text and "Jones" not in text and "discussed" not in text, text
     assert not re.search(r"\d|March", text), text
     notified = [f"FINDINGS: Right pleural effusion. Frank Stone was notified. Two views of the chest. {extra}"
                 for extra in ("", "Stable.", "Unchanged.", "No pneumothorax.")]
-    hits = [Hit(id=f"case{i}", score=0.9, split="train", text=text) for i, text in enumerate(notified)]
+    hits = [case_hit(f"case{i}", 0.9, text=text) for i, text in enumerate(notified)]
     text = draft_from_hits(hits, labeller).text()
     assert "Right pleural effusion" in text and "Stone" not in text and "notified" not in text, text
     # measurements are details put to their own vote (above), not identifiers
@@ -660,14 +665,14 @@ def test_a_consensus_finding_stated_only_beside_findings_without_consensus_is_an
     abstention naming the finding; with a sentence of its own, the finding is drafted."""
     texts = ["Cardiomegaly with a pleural effusion.", "Cardiomegaly and atelectasis.",
              "Heart size is normal. No pneumothorax."]
-    draft = draft_from_hits([Hit(id=f"c{i}", score=0.9, split="train", text=t) for i, t in enumerate(texts)],
+    draft = draft_from_hits([case_hit(f"c{i}", 0.9, text=t) for i, t in enumerate(texts)],
                             labeller)
     assert draft.consensus["cardiomegaly"] == "positive" and "pleural_effusion" not in draft.consensus
     assert draft.abstained and draft.abstention == NO_WORDING and draft.text() == ""
     assert draft.reason == ("every wording of cardiomegaly also states a finding the neighbours do not agree on: "
                             "nothing to draft it from")
     texts[1] = "Cardiomegaly and atelectasis. The heart is enlarged."
-    drafted = draft_from_hits([Hit(id=f"c{i}", score=0.9, split="train", text=t) for i, t in enumerate(texts)],
+    drafted = draft_from_hits([case_hit(f"c{i}", 0.9, text=t) for i, t in enumerate(texts)],
                               labeller)
     assert not drafted.abstained and labeller.label(drafted.text()).get("cardiomegaly") == "positive"
     assert "effusion" not in drafted.text() and "atelectasis" not in drafted.text()
@@ -677,7 +682,7 @@ def test_a_consensus_finding_whose_every_wording_names_a_minority_date_is_an_abs
     """Each neighbour's only effusion sentence names its own date: all were left out, and the draft came back
     empty but not abstained (text '', the effusion's definition attached, exit 0), the finding silently gone."""
     texts = [f"Right pleural effusion, new since the study of {day}." for day in ("March 3rd", "June 5th", "Dec 9th")]
-    draft = draft_from_hits([Hit(id=f"c{i}", score=0.9, split="train", text=t) for i, t in enumerate(texts)],
+    draft = draft_from_hits([case_hit(f"c{i}", 0.9, text=t) for i, t in enumerate(texts)],
                             labeller)
     assert draft.consensus["pleural_effusion"] == "positive"
     assert draft.abstained and draft.abstention == NO_WORDING and draft.text() == "" and not draft.definitions
@@ -686,7 +691,7 @@ def test_a_consensus_finding_whose_every_wording_names_a_minority_date_is_an_abs
                             "patient's): nothing to draft it from")
     # a wording without the date, in any section, still drafts the finding
     texts[2] += " IMPRESSION: Right pleural effusion."
-    drafted = draft_from_hits([Hit(id=f"c{i}", score=0.9, split="train", text=t) for i, t in enumerate(texts)],
+    drafted = draft_from_hits([case_hit(f"c{i}", 0.9, text=t) for i, t in enumerate(texts)],
                               labeller)
     assert not drafted.abstained and drafted.text() == "IMPRESSION: Right pleural effusion."
 
@@ -697,7 +702,7 @@ def test_a_draft_keeping_no_sentence_is_an_abstention(labeller):
     reading as normal without one neighbour saying so. It is now a ``no_wording`` abstention."""
     texts = ["Post-intubation in the critical care setting.", "Labeled covid19.", "Patient with fever and cough.",
              "Large left pleural effusion."]
-    draft = draft_from_hits([Hit(id=f"c{i}", score=0.9, split="train", text=t) for i, t in enumerate(texts)],
+    draft = draft_from_hits([case_hit(f"c{i}", 0.9, text=t) for i, t in enumerate(texts)],
                             labeller)
     assert draft.consensus == {"no_finding": "positive"} and draft.sentences == []
     assert draft.abstained and draft.abstention == NO_WORDING and draft.text() == ""
@@ -715,11 +720,11 @@ def test_sentences_in_another_script_are_split_and_are_not_all_one_wording(label
     assert jaccard("Левое лёгкое чистое.", "Сердце не увеличено.") == 0.0
     texts = ["左肺清晰。 Large left pleural effusion.", "右肺清晰。 Large left pleural effusion.",
              "心脏大小正常。 Large left pleural effusion."]
-    draft = draft_from_hits([Hit(id=i, score=0.9, split="train", text=t) for i, t in zip("abc", texts, strict=True)],
+    draft = draft_from_hits([case_hit(i, 0.9, text=t) for i, t in zip("abc", texts, strict=True)],
                             labeller)
     assert [(s.text, s.cases, s.wording_from) for s in draft.sentences] == \
         [("Large left pleural effusion.", ["a", "b", "c"], ["a", "b", "c"])]
-    shared = draft_from_hits([Hit(id=i, score=0.9, split="train", text="左肺清晰。 Large left pleural effusion.")
+    shared = draft_from_hits([case_hit(i, 0.9, text="左肺清晰。 Large left pleural effusion.")
                               for i in "abc"], labeller)
     assert shared.text() == "FINDINGS: 左肺清晰。 Large left pleural effusion."  # shared: drafted, whatever the script
 
@@ -730,7 +735,7 @@ def test_a_draft_carries_no_name_after_a_title_with_a_full_stop(labeller):
     names = ("Kowalczyk", "Okonkwo", "Nakamura", "Haddad", "Lindqvist")
     texts = [f"FINDINGS: Small left pleural effusion. Findings were discussed with Dr. {name} by telephone at the "
              f"time of dictation." for name in names]
-    draft = draft_from_hits([Hit(id=f"c{i}", score=0.9, split="train", text=t) for i, t in enumerate(texts)],
+    draft = draft_from_hits([case_hit(f"c{i}", 0.9, text=t) for i, t in enumerate(texts)],
                             labeller)
     assert draft.text() == "FINDINGS: Small left pleural effusion."
 
@@ -742,7 +747,7 @@ def test_a_draft_carries_no_month_or_untitled_name_of_a_minority_of_neighbours(l
     neighbour's report and absent from the knowledge base, are identifiers now; one such word alone is not (a
     term: "Hounsfield units")."""
     def draft(texts):
-        return draft_from_hits([Hit(id=f"c{i}", score=0.9, split="train", text=t) for i, t in enumerate(texts)],
+        return draft_from_hits([case_hit(f"c{i}", 0.9, text=t) for i, t in enumerate(texts)],
                                labeller)
 
     months = [f"Right pleural effusion. Compared with the study of {m}, unchanged." for m in ("March", "June",
@@ -789,7 +794,7 @@ def test_a_draft_carries_no_identifier_of_one_or_two_neighbours_whatever_k_and_t
     texts = [f"FINDINGS: Small left pleural effusion, unchanged since the study of {i + 1:02d}/12/2019. Accession "
              f"88{i}2345. Discussed with Dr {name} by telephone. Reviewed with {name.lower()} at the time of "
              "dictation. IMPRESSION: Small left pleural effusion." for i, name in enumerate(doctors)]
-    hits = [Hit(id=f"c{i}", score=0.9 if i == 0 else -0.1, split="train", text=t) for i, t in enumerate(texts)]
+    hits = [case_hit(f"c{i}", 0.9 if i == 0 else -0.1, text=t) for i, t in enumerate(texts)]
     draft = draft_from_hits(hits, labeller)  # c0 holds all the weight
     assert draft.neighbours[0].weight == 1.0
     assert draft.text() == "IMPRESSION: Small left pleural effusion.", draft.text()
@@ -812,7 +817,7 @@ def test_ordinary_report_words_of_one_or_two_neighbours_are_drafted_and_a_name_i
     X-ray 12 of 411 drafts abstained for want of one). Words of the shipped list of report words are drafted
     from any number of neighbours; a word outside it still needs 3 (a name in lower case)."""
     def draft(texts):
-        return draft_from_hits([Hit(id=f"c{i}", score=0.9, split="train", text=t) for i, t in enumerate(texts)],
+        return draft_from_hits([case_hit(f"c{i}", 0.9, text=t) for i, t in enumerate(texts)],
                                labeller).text()
 
     fuller = "Streaky bibasilar atelectasis, unchanged."
@@ -832,7 +837,7 @@ def test_a_name_made_of_ordinary_words_is_not_drafted_nor_its_wording_credited_t
     notified", ..., after a title) is a name whatever the word."""
     def draft(texts, scores=None):
         scores = scores or [0.9] * len(texts)
-        return draft_from_hits([Hit(id=f"c{i}", score=s, split="train", text=t)
+        return draft_from_hits([case_hit(f"c{i}", s, text=t)
                                 for i, (t, s) in enumerate(zip(texts, scores, strict=True))], labeller)
 
     effusion = "FINDINGS: Small left pleural effusion."
@@ -864,7 +869,7 @@ def test_a_sentence_cites_only_the_cases_stating_its_side_and_size(labeller):
     other side, size, zone or measurement (one naming none still agrees), and its support is their weight."""
     texts = ["Small left pleural effusion."] * 5 + ["Large right pleural effusion."] * 4 + ["Pleural effusion."]
     scores = [0.9] * 5 + [0.89] * 4 + [0.9]
-    draft = draft_from_hits([Hit(id=f"c{i}", score=s, split="train", text=t)
+    draft = draft_from_hits([case_hit(f"c{i}", s, text=t)
                              for i, (t, s) in enumerate(zip(texts, scores, strict=True))], labeller)
     [sentence] = draft.sentences
     assert sentence.text == "Small left pleural effusion."
@@ -879,7 +884,7 @@ def test_a_draft_carries_no_name_after_dr_without_a_space_nor_a_name_with_accent
     and "the referring clinician Renée Dubois" were drafted from one neighbour, cited to all, and "Dr Müller" and
     "Dr Mäkinen" were one identifier ("m")."""
     def draft(texts):
-        return draft_from_hits([Hit(id=f"c{i}", score=0.9, split="train", text=t) for i, t in enumerate(texts)],
+        return draft_from_hits([case_hit(f"c{i}", 0.9, text=t) for i, t in enumerate(texts)],
                                labeller).text()
 
     tail = "Findings were discussed with {} by telephone at the time of dictation."
@@ -1495,3 +1500,99 @@ def test_retrieved_context_holds_k_reports_when_the_nearest_cases_mostly_lack_on
                 excluded = {"id": record.id, "case": case_key(record.meta)}
                 expected = [hit.id for hit in hits if _usable(hit, excluded, {record.id})][:k]
                 assert len(expected) == 4 and retrieved.ids == expected, (k, record.id)
+
+
+# ------------------------------------------------------------------ neighbours are cases, not images
+
+RAVENSWOOD = ("FINDINGS: The cardiac silhouette is enlarged, unchanged since the Ravenswood study. No pleural "
+              "effusion. IMPRESSION: Cardiomegaly.")
+
+
+@pytest.fixture(scope="module")
+def one_case_index(phantom_dir, model_dir, train_index, tmp_path_factory):
+    """The training films, each its own case (``case_id``), but for the three nearest to a test film with
+    cardiomegaly: three images of one case (C-0001) sharing one report, which names a place ("Ravenswood")."""
+    import csv
+
+    model, test = load_model(model_dir), load_dataset(phantom_dir).select("test")
+    query = next(r for r in test if r.labels["finding"] == "cardiomegaly")
+    with open_index(train_index) as index:
+        nearest = [hit.id for hit in index.search(model.encode_images([query.image]).numpy(), k=3)[0]]
+    folder = tmp_path_factory.mktemp("onecase") / "data"
+    (folder / "images").mkdir(parents=True)
+    rows = [row for row in csv.DictReader((phantom_dir / "manifest.csv").open(newline="")) if row["split"] == "train"]
+    for row in rows:
+        shutil.copyfile(phantom_dir / row["image"], folder / row["image"])
+        case_id = row["image"].removesuffix(".png")
+        row["case_id"] = "C-0001" if case_id in nearest else case_id
+        row["text"] = RAVENSWOOD if case_id in nearest else row["text"]
+    with (folder / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    build_index(model, load_dataset(folder), folder.parent / "idx", model_dir=model_dir, show_progress=False)
+    return folder, folder.parent / "idx", query, nearest
+
+
+def test_one_case_s_images_sharing_a_report_count_once_in_a_draft(model_dir, one_case_index):
+    """Three images of one case, one report naming a place: counted per image, the report was a 0.60 "majority" of
+    5 neighbours and its "Ravenswood" was "used by 3 neighbours' reports", so drafted as the consensus of 3 cases.
+    One case is one neighbour: its nearest image, the others named in ``same_case_as``; k cases are drafted from."""
+    _, out, query, nearest = one_case_index
+    with open_index(out) as index:
+        draft = draft_report(index, load_model(model_dir), query.image, k=5, min_similarity=0.0)
+    ids = [n.id for n in draft.neighbours]
+    assert len(ids) == 5 and len(set(ids) & set(nearest)) == 1  # five cases, C-0001 once
+    assert sorted([*draft.settings["same_case_as"], ids[0]]) == sorted(nearest)
+    assert "ravenswood" not in draft.text().lower()
+    for sentence in draft.sentences:
+        assert len(set(sentence.cases) & set(nearest)) <= 1
+    cardiomegaly = next(f for f in draft.findings if f.name == "cardiomegaly")
+    assert cardiomegaly.support.get("positive", 0.0) < 0.5 or len(set(cardiomegaly.cases) - set(nearest)) >= 2
+
+
+def test_identical_reports_without_a_case_id_count_once(labeller):
+    """Without a case id, images holding the very same report are one case's: one patient's wording."""
+    hits = [Hit(id=f"image{i}", score=0.9, split="train", text=RAVENSWOOD) for i in range(3)]
+    hits += [case_hit(f"case{i}", 0.8, "FINDINGS: Lungs clear. No pleural effusion. IMPRESSION: Normal.")
+             for i in range(2)]
+    draft = draft_from_hits(hits, labeller)
+    assert [n.id for n in draft.neighbours] == ["image0", "case0", "case1"]
+    assert draft.settings["same_case_as"] == {"image1": "image0", "image2": "image0"}
+    assert "ravenswood" not in draft.text().lower() and draft.consensus.get("cardiomegaly") != "positive"
+    worded = [RAVENSWOOD, RAVENSWOOD.replace("enlarged", "enlarged again"), RAVENSWOOD + " Image 3."]
+    same_case = [Hit(id=f"image{i}", score=0.9, split="train", meta={"case_id": "C-0001"}, text=text)
+                 for i, text in enumerate(worded)]  # one case's images, its report worded per image
+    draft = draft_from_hits(same_case + hits[3:], labeller)
+    assert [n.id for n in draft.neighbours] == ["image0", "case0", "case1"]
+    assert "ravenswood" not in draft.text().lower() and draft.consensus.get("cardiomegaly") != "positive"
+
+
+def test_a_draft_for_an_indexed_image_leaves_its_whole_case_out(model_dir, one_case_index, tmp_path):
+    """An indexed image of a case with several images: its own report was left out (so said the CLI) and then
+    drafted, verbatim, from its sibling images. Its whole case is left out now, and said so."""
+    folder, out, _, nearest = one_case_index
+    image = folder / f"{nearest[0]}.png"
+    with open_index(out) as index:
+        draft = draft_report(index, load_model(model_dir), image, k=5, min_similarity=0.0)
+    assert draft.settings["left_out_copies"] == [nearest[0]]
+    assert draft.settings["left_out_same_case"] == sorted(nearest[1:])
+    assert not set(nearest) & {n.id for n in draft.neighbours} and len(draft.neighbours) == 5
+    assert "ravenswood" not in draft.text().lower()
+    result, output = invoke("report", "draft", image, "--index", out, "--min-similarity", 0)
+    assert result.exit_code == 0
+    assert (f"the query image is indexed as {nearest[0]}: its own report is left out of the draft, with its case's "
+            "other images (2 among the nearest)") in " ".join(output.split())
+
+
+def test_case_retrieval_leaves_out_each_query_s_own_case(model_dir, one_case_index):
+    """Queries that are indexed images of a case with others: the case's other images share the query's report and
+    were its nearest neighbours and its "nearest report"; they are left out as the query itself is."""
+    folder, out, _, nearest = one_case_index
+    dataset = load_dataset(folder)
+    queries = dataset.subset([r for r in dataset if r.id in nearest] + [r for r in dataset if r.id not in nearest][:3])
+    with open_index(out) as index:
+        result = case_retrieval(index, load_model(model_dir), queries, k=3, draft_k=3, label_columns=["finding"],
+                                show_progress=False)
+    assert result["excluded_self"] == len(queries) and result["excluded_same_case"] == 3
+    assert result["n_index"] == len(dataset)

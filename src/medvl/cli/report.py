@@ -91,9 +91,11 @@ def print_draft(draft) -> None:
     title = (f"draft from {len(draft.neighbours)} nearest cases (nearest similarity "
              f"{max(n.score for n in draft.neighbours):.3f})" if draft.neighbours else "no similar case to draft from")
     copies = draft.settings.get("left_out_copies") or []
+    siblings = draft.settings.get("left_out_same_case") or []
     if copies:
+        others = f", with its case's other images ({len(siblings)} among the nearest)" if siblings else ""
         console.print(f"the query image is indexed as {', '.join(copies)}: its own report is left out of "
-                      "the draft")
+                      f"the draft{others}")
     if draft.ood.get("out_of_distribution"):
         console.print(f"[red]the image is out of distribution ({ood_comparison(draft.ood)}): unlike the model's "
                       "training images, its nearest cases and this draft are unreliable[/]", markup=True)
@@ -253,6 +255,7 @@ def print_case_retrieval(result: dict) -> None:
     console.print(table)
     agreement = result.get("labeller_vs_labels")
     details = {"findings reference": draft["reference"], "self-matches left out": result["excluded_self"],
+               "queries' own case left out": result["excluded_same_case"],
                "class prior sum p^2": result["prior_sum_p2"]}
     if agreement:
         details["labeller vs labels (own reports), exact"] = agreement.get("exact_match")

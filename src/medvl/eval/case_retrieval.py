@@ -2,7 +2,10 @@
 
 Queries are the records of a dataset (usually a held-out split); the gallery is an index. A query
 found in the index (the same decoded pixels, or the same id in an index built from the same dataset
-folder) is left out of its own results; a case of another dataset that happens to share an id stays.
+folder) is left out of its own results, with the other images of its case (the same ``case_id`` /
+``patient_id``, as the dataset or its indexed copy names it: MedPix's images of a case share its report);
+a case of another dataset that happens to share an id stays. ``excluded_self`` counts the queries with
+anything left out, ``excluded_same_case`` those whose case's other images were.
 
 Label agreement (over the label columns, by default the index's own):
 
@@ -45,6 +48,7 @@ one finding ranks first (``top1``) or in the first three (``top3``) by image-emb
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import Counter
@@ -57,7 +61,8 @@ from ..checks import check_number
 from ..data.record import Dataset, Record
 from ..errors import InputError
 from ..index.base import MAX_K, Hit, Index, check_model, path_sha256
-from ..index.cases import pixel_sha256s
+from ..index.cases import case_key, pixel_sha256s
+from ..index.search import case_images, first_cases
 from ..models.preprocess import read_for
 from ..progress import progress_bar
 from ..rag.draft import MIN_SIMILARITY, MIN_SUPPORT, check_k, check_settings, draft_from_hits
@@ -93,7 +98,7 @@ def case_retrieval(index: Index, model, dataset: Dataset, *, k: int = 5, label_c
     if n_index < 2:
         raise InputError(f"{index.location}: the index holds {n_index} case(s); need at least 2")
     vectors, hashes = _embed(model, queries, show_progress)
-    excluded = _self_matches(index, queries, hashes, same_source=_built_from(index, dataset))
+    copies, excluded = _self_matches(index, queries, hashes, same_source=_built_from(index, dataset))
     index_labels = index.label_counts()  # the whole index's label distribution, at any size
     binary = _binary_columns(columns, queries, [labels for labels, _ in index_labels])
     labeller = ReportLabeller(knowledge)
@@ -109,7 +114,8 @@ def case_retrieval(index: Index, model, dataset: Dataset, *, k: int = 5, label_c
         prior[label_set(labels, columns, binary)] += count
     scored_k = _scored_k(k, rankings)
     result: dict[str, Any] = {"n_queries": len(queries), "n_skipped": len(dataset) - len(queries), "n_index": n_index,
-              "label_columns": columns, "k": scored_k, "excluded_self": sum(bool(e) for e in excluded)}
+              "label_columns": columns, "k": scored_k, "excluded_self": sum(bool(e) for e in excluded),
+              "excluded_same_case": sum(bool(e - own) for e, own in zip(excluded, copies, strict=True))}
     if scored_k < k:
         result["k_requested"] = k
     k = scored_k
@@ -186,13 +192,29 @@ def _built_from(index: Index, dataset: Dataset) -> bool:
 
 
 def _self_matches(index: Index, records: Sequence[Record], hashes: list[tuple[str, ...]],
-                  same_source: bool) -> list[set[str]]:
+                  same_source: bool) -> tuple[list[set[str]], list[set[str]]]:
     """Per query, the index ids that are the query itself: same pixels (``pixel_sha256s``), or the same id when the
-    index was built from the query's dataset (ids of two datasets, such as phantom_00001, can coincide)."""
+    index was built from the query's dataset (ids of two datasets, such as phantom_00001, can coincide); and those
+    with the other images of its case (``_with_own_cases``)."""
     present = index.existing_ids([r.id for r in records]) if same_source else set()
     by_hash = index.find_images([digest for digests in hashes for digest in digests])
-    return [({r.id} & present) | {case_id for digest in digests for case_id in by_hash.get(digest, ())}
-            for r, digests in zip(records, hashes, strict=True)]
+    own = [({r.id} & present) | {case_id for digest in digests for case_id in by_hash.get(digest, ())}
+           for r, digests in zip(records, hashes, strict=True)]
+    return own, _with_own_cases(index, records, own, same_source)
+
+
+def _with_own_cases(index: Index, records: Sequence[Record], own: list[set[str]], same_source: bool) -> list[set[str]]:
+    """Each query's self-matches ``own`` with every other indexed image of its case (``index.search.case_images``):
+    the case its metadata names (``case_key``, MedPix's ``case_id``) when the index was built from its dataset, and
+    those of its indexed copies. Its case's other images share its report: they would be its nearest cases."""
+    stored = index.stored_contents(sorted(set().union(*own))) if any(own) else {}
+    copy_case = {image_id: case_key(json.loads(contents[3])) for image_id, contents in stored.items()}
+    named = [[copy_case.get(image_id) for image_id in ids] + ([case_key(r.meta)] if same_source else [])
+             for r, ids in zip(records, own, strict=True)]
+    cases = [{key for key in keys if key is not None} for keys in named]
+    images = case_images(index, set().union(*cases))
+    return [ids | {image_id for key in keys for image_id in images.get(key, ())}
+            for ids, keys in zip(own, cases, strict=True)]
 
 
 def _scored_depth(map_depth: int, n_index: int, most_excluded: int) -> int:
@@ -369,7 +391,8 @@ def _drafts(rankings: list[list[Hit]], reference: dict[str, Any], labeller: Repo
         log.warning("reports are drafted from %d cases, not %d: the rankings hold %d cases (the index's, less a "
                     "query's own case)", draft_k, requested, draft_k)
     for row, ranking in enumerate(rankings):
-        draft = draft_from_hits(ranking[:draft_k], labeller, min_support=min_support, min_similarity=min_similarity)
+        draft = draft_from_hits(first_cases(ranking, draft_k), labeller, min_support=min_support,
+                                min_similarity=min_similarity)
         if draft.abstained:
             abstentions[draft.abstention] += 1
         else:

@@ -39,6 +39,7 @@ from ..errors import DataError
 
 NUMBER, TEXT = "number", "text"
 FIXED_COLUMNS = {"id": TEXT, "split": TEXT}  # stored as their own columns, always filterable
+CASE_KEYS = ("case_id", "patient_id")  # record metadata naming the case / patient an image belongs to
 MAX_FILTER_COLUMNS = 200  # more metadata keys than this stay in the JSON only
 # PostgreSQL cuts identifiers to 63 bytes (NAMEDATALEN - 1): "m_" + 61 ASCII characters is the longest column
 # name that stays whole, so that the same data makes the same filter columns on every backend
@@ -74,6 +75,12 @@ class Case:
         return cls(id=record.id, split=record.split, labels=dict(record.labels), meta=dict(record.meta),
                    text=record.text or None, image_path=stored_image_path(record.image, root),
                    image_sha256=image_sha256)
+
+
+def case_key(meta: dict[str, Any]) -> str | None:
+    """The case / patient an image belongs to, when its metadata says (``CASE_KEYS``: MedPix's ``case_id``); several
+    images of one case share it, and often its report."""
+    return next((str(meta[key]) for key in CASE_KEYS if meta.get(key) not in (None, "")), None)
 
 
 def dataset_root(dataset: Dataset) -> Path:

@@ -10,6 +10,7 @@ it still holds the indexed image.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -24,7 +25,8 @@ from ..embed import check_text_read_whole
 from ..errors import DataError, InputError
 from .base import IMAGES, MAX_K, Hit, Index, check_k, check_model, check_target
 from .build import nifti_sha256
-from .cases import pixel_sha256s, public_image_path
+from .cases import CASE_KEYS, NUMBER, NUMBER_SYNTAX, case_key, pixel_sha256s, public_image_path
+from .where import MAX_LENGTH as WHERE_LENGTH
 
 
 def index_model(index: Index, model_dir: str | Path | None = None, backend: str = "torch",
@@ -104,6 +106,84 @@ def search_without_copies(index: Index, vector: np.ndarray, k: int, digests: Seq
     dropped = set(exclude) | set(copies)
     hits = index.search(vector, k=min(k + len(dropped), MAX_K), where=where)[0]
     return [hit for hit in hits if hit.id not in dropped][:k], copies
+
+
+SEARCH_MARGIN = 32  # images searched beyond k at first, so that k cases usually remain after their siblings
+
+
+def hit_case(hit: Hit) -> str:
+    """The case an indexed image belongs to, for counting a query's neighbours by case: its metadata's case or patient
+    (``cases.case_key``: MedPix's ``case_id``) when it has one; else its report (images sharing one report text are
+    one case's, one patient's wording); else the image itself."""
+    return case_of(hit.id, hit.meta, hit.text)
+
+
+def case_of(image_id: str, meta: dict[str, Any], report: str | None) -> str:
+    """``hit_case`` of an indexed image given by its id, metadata and report."""
+    key = case_key(meta)
+    if key is not None:
+        return f"case:{key}"
+    if report and report.strip():
+        return "report:" + " ".join(report.split())
+    return f"id:{image_id}"
+
+
+def own_cases(index: Index, ids: Sequence[str]) -> set[str]:
+    """The cases (``hit_case``) of the indexed images ``ids``."""
+    stored = index.stored_contents(list(ids)) if ids else {}
+    return {case_of(image_id, json.loads(contents[3]), contents[1]) for image_id, contents in stored.items()}
+
+
+def search_other_cases(index: Index, vector: np.ndarray, k: int, digests: Sequence[str], where: str | None = None,
+                       exclude: Iterable[str] = ()) -> tuple[list[Hit], list[str], list[str]]:
+    """The images of the ``k`` nearest cases (``hit_case``) to one query image, nearest first, up to the nearest image
+    of the k-th case (a case's other images nearer than that are among them), less the query's indexed copies, the
+    ids ``exclude`` names (``search_without_copies``) and every other image of a copy's case (``own_cases``: its case
+    id, or without one, its report); with the ids of the copies and of the other images of their case left out.
+    Searched deeper until k cases are found or every case ``where`` allows was: a case's many images (MedPix's up to
+    15) would otherwise take the places of other cases."""
+    check_k(k)
+    found = index.find_images([digest for digest in digests if digest]) if digests else {}
+    copies = sorted({case_id for ids in found.values() for case_id in ids})
+    dropped, own = set(exclude) | set(copies), own_cases(index, copies)
+    total = min(len(index), MAX_K)
+    depth = min(total, k + len(dropped) + SEARCH_MARGIN)
+    while True:
+        hits = index.search(vector, k=max(depth, 1), where=where)[0]
+        siblings = [hit.id for hit in hits if hit.id not in dropped and hit_case(hit) in own]
+        kept = [hit for hit in hits if hit.id not in dropped and hit.id not in siblings]
+        nearest = first_cases(kept, k)
+        if len({hit_case(hit) for hit in nearest}) >= k or len(hits) < depth or depth >= total:
+            return nearest, copies, sorted(siblings)
+        depth = min(total, 2 * depth)
+
+
+def first_cases(hits: list[Hit], k: int) -> list[Hit]:
+    """``hits`` (nearest first) up to the first image of the k-th case (``hit_case``)."""
+    seen: set[str] = set()
+    for position, hit in enumerate(hits):
+        seen.add(hit_case(hit))
+        if len(seen) == k:
+            return hits[:position + 1]
+    return hits
+
+
+def case_images(index: Index, cases: Iterable[str]) -> dict[str, list[str]]:
+    """Case (``cases.case_key``) -> the ids of every indexed image of it, for the ``cases`` the index holds: found by
+    a filter on each case column the index has (``CASE_KEYS``), each image's own case then checked."""
+    found: dict[str, list[str]] = {}
+    vector = np.zeros((1, index.dim), np.float32)  # the filter selects; the vector does not matter
+    for key in sorted(set(cases)):
+        for column in (c for c in CASE_KEYS if c in index.columns):
+            numeric = index.columns[column] == NUMBER
+            if numeric and not NUMBER_SYNTAX.fullmatch(key):
+                continue
+            literal = key if numeric else "'" + key.replace("'", "''") + "'"
+            if len(literal) > WHERE_LENGTH - len(f"{column} = "):  # no filter holds it: no such case
+                continue
+            hits = index.search(vector, k=min(len(index), MAX_K), where=f"{column} = {literal}")[0]
+            found.setdefault(key, []).extend(hit.id for hit in hits if case_key(hit.meta) == key)
+    return {key: sorted(set(ids)) for key, ids in found.items() if ids}
 
 
 def shown_columns(index: Index, names: list[str]) -> list[str]:

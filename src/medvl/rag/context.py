@@ -23,10 +23,11 @@ import numpy as np
 from ..checks import check_number
 from ..data.record import Record
 from ..index.base import MAX_K, Hit, Index, check_model
+from ..index.cases import CASE_KEYS as CASE_KEYS
+from ..index.cases import case_key as case_key
 from ..index.cases import pixel_sha256s
 from ..progress import progress_bar
 
-CASE_KEYS = ("case_id", "patient_id")  # record metadata naming the case / patient an image belongs to
 SEARCH_MARGIN = 32  # extra neighbours fetched first, so that k usually remain after the exclusions
 BATCH = 32
 
@@ -41,11 +42,6 @@ class Retrieved:
 
     def to_dict(self) -> dict[str, Any]:
         return {"ids": self.ids, "scores": [round(s, 4) for s in self.scores]}
-
-
-def case_key(meta: dict[str, Any]) -> str | None:
-    """The case / patient an image belongs to, when its metadata says."""
-    return next((str(meta[key]) for key in CASE_KEYS if meta.get(key) not in (None, "")), None)
 
 
 def retrieve_for_images(index: Index, model, images: Sequence[str | Path | np.ndarray], k: int,

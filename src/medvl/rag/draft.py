@@ -1,9 +1,13 @@
 """Retrieval-augmented report drafts: the nearest cases' reports merged by consensus, with citations.
 
 ``draft_report(index, model, image)`` embeds the image, retrieves the ``k`` nearest indexed cases
-(never the image itself: an indexed case with the same pixels is left out,
-``medvl.index.search.search_without_copies``) and calls
-``draft_from_hits``:
+(never the image itself: an indexed case with the same pixels is left out, and so are the other images of its case,
+``medvl.index.search.search_other_cases``) and calls ``draft_from_hits``.
+
+A neighbour is a case, not an image (``one_per_case``): images sharing a case id (MedPix's ``case_id``, a
+``patient_id``) or, without one, the same report text count once, as their case's nearest image with a report. Several
+images of one case share one report: counted per image, one patient's report would be a "majority" and its wording
+"used by 3 neighbours".
 
 1. Weights: a neighbour weighs its cosine similarity to the query (negative ones count 0; all
    equal if none is positive). "Support" below is a weighted share of the neighbours with a report.
@@ -81,6 +85,7 @@ import torch
 from ..checks import check_number
 from ..errors import InputError
 from ..index.base import Hit
+from ..index.search import hit_case
 from .knowledge import KnowledgeBase
 from .labels import (
     FINDINGS_SECTION,
@@ -293,7 +298,7 @@ def draft_report(index, model, image: str | Path | np.ndarray | torch.Tensor, *,
     from ..data.audit import input_flags
     from ..index.base import check_model
     from ..index.build import hashed_image
-    from ..index.search import search_without_copies
+    from ..index.search import search_other_cases
     from ..models.ood import embed_checked
 
     check_settings(k, min_support, min_similarity, related)
@@ -310,15 +315,16 @@ def draft_report(index, model, image: str | Path | np.ndarray | torch.Tensor, *,
     flags = input_flags(tensor.numpy())
     if flags:  # a blank or streaked image is near some case too: drafting from those would be invention
         settings = {"k": k, "min_support": min_support, "min_similarity": min_similarity, "input_flags": flags,
-                    "left_out_copies": []}
+                    "left_out_copies": [], "left_out_same_case": []}
         return _abstain([], [], NO_CONTENT, f"the image is {' and '.join(flags)} as the model sees it, nothing to "
                         f"draft from ({'; '.join(flags.values())})", settings)
     embedding, [ood] = embed_checked(model, tensor[None])  # the guard's flag from the same pass, if it has one
     vector = embedding.numpy()
-    hits, copies = search_without_copies(index, vector, k, digests, where=where, exclude=exclude)
+    hits, copies, siblings = search_other_cases(index, vector, k, digests, where=where, exclude=exclude)
     draft = draft_from_hits(hits, labeller, min_support=min_support, min_similarity=min_similarity)
     draft.settings["k"] = k
     draft.settings["left_out_copies"] = copies
+    draft.settings["left_out_same_case"] = siblings
     draft.ood = ood
     if related > 0:
         nearest = labeller.knowledge.retrieve(model, vector, related)
@@ -328,11 +334,14 @@ def draft_report(index, model, image: str | Path | np.ndarray | torch.Tensor, *,
 
 def draft_from_hits(hits: Sequence[Hit], labeller: ReportLabeller | None = None, *,
                     min_support: float = MIN_SUPPORT, min_similarity: float = MIN_SIMILARITY) -> Draft:
-    """Draft from already retrieved neighbours (nearest first); see the module docstring."""
+    """Draft from already retrieved neighbours (nearest first), each case counted once (``one_per_case``); see the
+    module docstring."""
     _check_thresholds(min_support, min_similarity)
     labeller = labeller or ReportLabeller()
-    settings = {"k": len(hits), "min_support": min_support, "min_similarity": min_similarity}
-    with_report = [h for h in hits if h.text and h.text.strip()]
+    hits, same_case = one_per_case(hits)
+    settings = {"k": len(hits), "min_support": min_support, "min_similarity": min_similarity,
+                "same_case_as": same_case}
+    with_report = [h for h in hits if _has_report(h)]
     weights = _weights([h.score for h in with_report])
     weight_of = dict(zip((h.id for h in with_report), weights, strict=True))
     neighbours = [Neighbour(h.id, round(float(h.score), 4), round(float(weight_of.get(h.id, 0.0)), 4), h.split,
@@ -373,6 +382,24 @@ def draft_from_hits(hits: Sequence[Hit], labeller: ReportLabeller | None = None,
         sentence.consensus = {name: shares[name] for name in sentence.findings}
     drafted = [name for name, status in consensus.items() if status in (POSITIVE, UNCERTAIN)]
     return Draft(kept, findings, neighbours, definitions=labeller.knowledge.cards(drafted), settings=settings)
+
+
+def one_per_case(hits: Sequence[Hit]) -> tuple[list[Hit], dict[str, str]]:
+    """Each case's (``index.search.hit_case``: its case id, else its report text) nearest image with a report (its
+    nearest image when none has one), nearest first; and each other image's id -> that image's id. Several images of
+    one case share its report (MedPix's up to 15): counted per image, one patient's report would be a majority and
+    its wording "used by 3 neighbours"."""
+    chosen: dict[str, Hit] = {}
+    for hit in hits:
+        case = hit_case(hit)
+        if case not in chosen or (not _has_report(chosen[case]) and _has_report(hit)):
+            chosen[case] = hit
+    kept = [hit for hit in hits if chosen[hit_case(hit)] is hit]
+    return kept, {hit.id: chosen[hit_case(hit)].id for hit in hits if chosen[hit_case(hit)] is not hit}
+
+
+def _has_report(hit: Hit) -> bool:
+    return bool(hit.text and hit.text.strip())
 
 
 def _below(value: float, threshold: float) -> str:
