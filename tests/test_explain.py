@@ -1153,6 +1153,49 @@ def test_concept_data_fits_on_its_default_label_and_train_split_and_refuses_an_i
         "case_id, finding" in " ".join(output.split()), output
 
 
+def _some_labels_empty(phantom_dir: Path, folder: Path) -> Path:
+    """A copy of the phantom data (40 rows) whose ``finding`` is empty in 6 rows (4 of them train) and with a
+    ``grade`` column empty in every row."""
+    shutil.copytree(phantom_dir, folder)
+    rows = list(csv.DictReader((folder / "manifest.csv").open(newline="")))[:40]
+    with (folder / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[*rows[0], "grade"])
+        writer.writeheader()
+        writer.writerows({**row, "grade": "", "finding": "" if i % 7 == 3 else row["finding"]}
+                         for i, row in enumerate(rows))
+    return folder
+
+
+def test_concept_data_with_empty_labels_fits_on_the_labelled_records(tiny_model, tiny_model_dir, phantom_dir,
+                                                                     tmp_path):
+    """ISIC's table has 2 records with an empty diagnosis: the bottleneck embedded all 400 images but took 398
+    classes, and scikit-learn failed (inconsistent numbers of samples, a traceback). Records without a value in the
+    label column are left out before embedding, counted once in the log; compare_with_probe likewise. A column
+    empty in every record is refused in one line."""
+    data = _some_labels_empty(phantom_dir, tmp_path / "data")
+    train = medvl.load_dataset(data).select("train")
+    labelled = [r for r in train if "finding" in r.labels]
+    assert 0 < len(labelled) < len(train)
+    base = ["explain", _cardiomegaly_image(phantom_dir), "--model", tiny_model_dir, "--method", "patch_text",
+            "--concepts", "chest_xray", "--concept-data", data]
+    result, output = invoke(*base, "--concept-label", "finding", "--out", tmp_path / "why")
+    assert result.exit_code == 0 and "Traceback" not in output, output
+    skipped = f"skipped {len(train) - len(labelled)} records with an empty label in finding"
+    assert " ".join(result.stderr.split()).count(skipped) == 1, output  # said once, the records not named
+    fitted = ConceptBottleneck.load(tmp_path / "why" / "bottleneck.json")
+    assert fitted.classes == sorted({r.labels["finding"] for r in labelled})
+    embeddings = tiny_model.encode_images(tiny_model.preprocessor.load_many([r.image for r in labelled]))
+    assert np.allclose(fitted.mean, (embeddings.numpy().astype(np.float64) @ fitted.concept_vectors.T).mean(0))
+    test = medvl.load_dataset(data).select("test")
+    compared = compare_with_probe(tiny_model, train, test, "finding", load_concepts("chest_xray"))
+    assert compared["n_train"] == len(labelled) and compared["n_test"] == sum("finding" in r.labels for r in test)
+    result, output = invoke(*base, "--concept-label", "grade")
+    assert result.exit_code == 2 and "Traceback" not in output, output
+    assert "none of its" in output and "has a value in label column 'grade'" in " ".join(output.split()), output
+    with pytest.raises(InputError, match="has a value in label column 'grade'"):
+        compare_with_probe(tiny_model, train, test, "grade", load_concepts("chest_xray"))
+
+
 @pytest.mark.parametrize("args, needed", [
     (["--k", 7], "--k (nearest cases to list) needs --index"),
     (["--k", -2], "--k (nearest cases to list) needs --index"),
