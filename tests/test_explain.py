@@ -940,6 +940,27 @@ def test_occlusion_matches_captum_occlusion(square_case):
     assert torch.allclose(ours, theirs[:, 0], atol=1e-5)
 
 
+def test_occlusion_hides_a_window_under_the_global_mean_by_default_as_documented(square_case):
+    """The default fill is the image's global mean (the classic grey patch), not its local background, which the
+    README and the module docstring claimed: a peak at a dark border read as 'local background' evidence. The
+    docs now say what the code does and name the other fills."""
+    import importlib
+
+    from medvl.explain.heatmaps import occlusion_map
+
+    model, square, texts = square_case
+    options = {"window": 0.25, "stride": 0.125, "smooth": 0.0}
+    default = occlusion_map(model, square, texts, target=1, **options)
+    assert torch.equal(default, occlusion_map(model, square, texts, target=1, fill="mean", **options))
+    assert not torch.allclose(default, occlusion_map(model, square, texts, target=1, fill="ring", **options))
+    docstring = importlib.import_module("medvl.explain.heatmaps").__doc__  # the package exports a function heatmaps
+    bullet = " ".join(docstring.split("* ``occlusion``")[1].split("* ``smoothgrad``")[0].split())
+    assert "by default under the image's global mean intensity" in bullet and '``fill="ring"``' in bullet
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8").split())
+    assert "hides it under a flat patch of the image's global mean intensity" in readme
+    assert "hides it under the local background" not in readme and 'fill="blur"' in readme
+
+
 def test_smoothgrad_matches_a_hand_computed_gradient_and_is_seeded(square_case):
     from medvl.explain.heatmaps import _log_probability, smoothgrad_map
 

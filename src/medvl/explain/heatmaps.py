@@ -11,10 +11,15 @@ Every method explains one class among a set of class text embeddings (the zero-s
 * ``gradcam``: Grad-CAM (Selvaraju et al. 2017, ``captum.attr.LayerGradCam``) of the class's
   zero-shot logit (scaled cosine of image and class embeddings) at the encoder's last
   convolutional stage (ResNet ``layer4``, DenseNet ``features``), ReLU applied.
-* ``occlusion``: a window slides over the input and is hidden by the image's local background;
+* ``occlusion``: a window slides over the input and is hidden, by default under the image's global
+  mean intensity (a flat grey patch, ``fill="mean"``; ``fill="ring"``, the mean of the band around
+  the window, and ``fill="blur"``, the blurred image, stand in for its local background instead, and
+  are chosen through ``settings``: ``medvl explain`` and the service use the default);
   the map is the drop of the class's zero-shot log-probability (log-softmax over the classes, so
   a drop means the class loses ground to the others), averaged over the windows covering each
-  pixel. Model-agnostic, pixel resolution; costs one forward pass per window position.
+  pixel. Model-agnostic, pixel resolution; costs one forward pass per window position. A grey patch
+  on a dark border or air is an edit unlike any training image: peaks at the image's edges may be
+  that, not evidence.
 * ``smoothgrad``: SmoothGrad of the same log-probability: the absolute input gradient averaged
   over noisy copies of the image, Gaussian-smoothed. Model-agnostic, pixel resolution; costs
   one forward and backward pass per noisy copy.
@@ -297,7 +302,8 @@ def _starts(length: int, side: int, step: int) -> list[int]:
 
 
 def _fills(pixels: torch.Tensor, side: int, fill: str) -> torch.Tensor:
-    """What hides each window, standing in for the image's local background.
+    """What hides each window: the image's global mean (``mean``, the default), or a stand-in for its local
+    background (``ring``, ``blur``).
 
     * ``ring``: the mean of the band ``side // 2`` wide around the window (its own surroundings: a
       nodule is replaced by the lung around it, not by a global grey). Returned as (N, C, H', W'):
