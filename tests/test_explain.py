@@ -1025,6 +1025,60 @@ def test_explain_command_with_occlusion_and_a_bad_method(tiny_model_dir, phantom
     assert "Traceback" not in output
 
 
+# -- sanity checks: model randomisation and class sensitivity (Adebayo et al. 2018) ----------------------
+
+
+def test_rank_correlation_matches_scipy_spearman_and_a_constant_map_has_none():
+    from scipy.stats import spearmanr
+
+    from medvl.explain.sanity import rank_correlation
+
+    rng = np.random.default_rng(0)
+    first = rng.normal(size=(12, 12))
+    second = first + rng.normal(size=(12, 12))
+    second[:3] = 0.0  # ties
+    assert rank_correlation(first, second) == pytest.approx(spearmanr(first.ravel(), second.ravel())[0], abs=1e-12)
+    assert rank_correlation(first, first * 3 + 1) == pytest.approx(1.0)
+    assert rank_correlation(first, np.zeros((12, 12))) is None
+
+
+def test_randomised_image_tower_changes_only_the_image_side(tiny_model):
+    from medvl.explain.sanity import randomised_image_tower
+
+    state = torch.random.get_rng_state()
+    randomised = randomised_image_tower(tiny_model, seed=1)
+    assert torch.equal(state, torch.random.get_rng_state())  # the caller's random stream is left alone
+    trained, changed = dict(tiny_model.named_parameters()), dict(randomised.named_parameters())
+    image_side = [n for n in trained if n.startswith(("image_encoder.", "image_projection."))]
+    assert image_side and all(not torch.equal(trained[n], changed[n]) for n in image_side if trained[n].numel() > 1
+                              and "bn" not in n and "norm" not in n)
+    assert all(torch.equal(trained[n], changed[n]) for n in trained if n not in image_side)  # text tower kept
+    again = randomised_image_tower(tiny_model, seed=1)
+    assert all(torch.equal(p, again.state_dict()[n]) for n, p in randomised.state_dict().items())  # seeded
+
+
+def test_sanity_check_fails_a_map_that_ignores_the_model_and_passes_patch_text(tiny_model, phantom_dir):
+    """The image's own intensity is the same map whatever the weights and the finding: correlation ~1 with the
+    randomised model's and with another finding's, so it fails. patch_text's map is made of the model's own
+    projected tokens: a randomised image tower draws another one."""
+    from medvl.explain.sanity import RANDOMISED_MAX, sanity_check
+
+    test_set = medvl.load_dataset(phantom_dir).select("test")
+    films = test_set.subset([r for r in test_set if r.labels["finding"] != "no_finding"][:4])
+    result = sanity_check(tiny_model, films, methods=["patch_text"], classes=test_set.classes("finding"),
+                          extra_maps={"intensity": lambda model, pixels, texts, target: pixels.mean(1)})
+    intensity, patch_text = result["methods"]["intensity"], result["methods"]["patch_text"]
+    assert result["images"] == 4 and intensity["n"] == {"randomised": 4, "other_class": 4}
+    assert intensity["randomised"] > 0.99 and intensity["other_class"] > 0.99 and not intensity["passes"]
+    assert patch_text["randomised"] < RANDOMISED_MAX and patch_text["passes"], patch_text
+    assert patch_text["other_class"] < 0.99  # another finding's text direction: another map
+    assert str(RANDOMISED_MAX) in result["rule"]
+    with pytest.raises(InputError, match="may not reuse"):
+        sanity_check(tiny_model, films, methods=["patch_text"], extra_maps={"patch_text": lambda *a: a[1].mean(1)})
+    with pytest.raises(InputError, match="not among"):
+        sanity_check(tiny_model, films, methods=["patch_text"], classes=["nodule", "no_finding"])
+
+
 # -- explaining a supervised head instead of the zero-shot classes --------------------------------------
 
 
