@@ -940,6 +940,27 @@ def test_occlusion_matches_captum_occlusion(square_case):
     assert torch.allclose(ours, theirs[:, 0], atol=1e-5)
 
 
+def test_occlusion_hides_a_window_under_the_global_mean_by_default_as_documented(square_case):
+    """The default fill is the image's global mean (the classic grey patch), not its local background, which the
+    README and the module docstring claimed: a peak at a dark border read as 'local background' evidence. The
+    docs now say what the code does and name the other fills."""
+    import importlib
+
+    from medvl.explain.heatmaps import occlusion_map
+
+    model, square, texts = square_case
+    options = {"window": 0.25, "stride": 0.125, "smooth": 0.0}
+    default = occlusion_map(model, square, texts, target=1, **options)
+    assert torch.equal(default, occlusion_map(model, square, texts, target=1, fill="mean", **options))
+    assert not torch.allclose(default, occlusion_map(model, square, texts, target=1, fill="ring", **options))
+    docstring = importlib.import_module("medvl.explain.heatmaps").__doc__  # the package exports a function heatmaps
+    bullet = " ".join(docstring.split("* ``occlusion``")[1].split("* ``smoothgrad``")[0].split())
+    assert "by default under the image's global mean intensity" in bullet and '``fill="ring"``' in bullet
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8").split())
+    assert "hides it under a flat patch of the image's global mean intensity" in readme
+    assert "hides it under the local background" not in readme and 'fill="blur"' in readme
+
+
 def test_smoothgrad_matches_a_hand_computed_gradient_and_is_seeded(square_case):
     from medvl.explain.heatmaps import _log_probability, smoothgrad_map
 
@@ -1002,6 +1023,60 @@ def test_explain_command_with_occlusion_and_a_bad_method(tiny_model_dir, phantom
     refused, output = invoke("explain", image, "--model", tiny_model_dir, "--method", "lime")
     assert refused.exit_code == 2 and "heatmap methods must be among" in output and "'lime'" in output
     assert "Traceback" not in output
+
+
+# -- sanity checks: model randomisation and class sensitivity (Adebayo et al. 2018) ----------------------
+
+
+def test_rank_correlation_matches_scipy_spearman_and_a_constant_map_has_none():
+    from scipy.stats import spearmanr
+
+    from medvl.explain.sanity import rank_correlation
+
+    rng = np.random.default_rng(0)
+    first = rng.normal(size=(12, 12))
+    second = first + rng.normal(size=(12, 12))
+    second[:3] = 0.0  # ties
+    assert rank_correlation(first, second) == pytest.approx(spearmanr(first.ravel(), second.ravel())[0], abs=1e-12)
+    assert rank_correlation(first, first * 3 + 1) == pytest.approx(1.0)
+    assert rank_correlation(first, np.zeros((12, 12))) is None
+
+
+def test_randomised_image_tower_changes_only_the_image_side(tiny_model):
+    from medvl.explain.sanity import randomised_image_tower
+
+    state = torch.random.get_rng_state()
+    randomised = randomised_image_tower(tiny_model, seed=1)
+    assert torch.equal(state, torch.random.get_rng_state())  # the caller's random stream is left alone
+    trained, changed = dict(tiny_model.named_parameters()), dict(randomised.named_parameters())
+    image_side = [n for n in trained if n.startswith(("image_encoder.", "image_projection."))]
+    assert image_side and all(not torch.equal(trained[n], changed[n]) for n in image_side if trained[n].numel() > 1
+                              and "bn" not in n and "norm" not in n)
+    assert all(torch.equal(trained[n], changed[n]) for n in trained if n not in image_side)  # text tower kept
+    again = randomised_image_tower(tiny_model, seed=1)
+    assert all(torch.equal(p, again.state_dict()[n]) for n, p in randomised.state_dict().items())  # seeded
+
+
+def test_sanity_check_fails_a_map_that_ignores_the_model_and_passes_patch_text(tiny_model, phantom_dir):
+    """The image's own intensity is the same map whatever the weights and the finding: correlation ~1 with the
+    randomised model's and with another finding's, so it fails. patch_text's map is made of the model's own
+    projected tokens: a randomised image tower draws another one."""
+    from medvl.explain.sanity import RANDOMISED_MAX, sanity_check
+
+    test_set = medvl.load_dataset(phantom_dir).select("test")
+    films = test_set.subset([r for r in test_set if r.labels["finding"] != "no_finding"][:4])
+    result = sanity_check(tiny_model, films, methods=["patch_text"], classes=test_set.classes("finding"),
+                          extra_maps={"intensity": lambda model, pixels, texts, target: pixels.mean(1)})
+    intensity, patch_text = result["methods"]["intensity"], result["methods"]["patch_text"]
+    assert result["images"] == 4 and intensity["n"] == {"randomised": 4, "other_class": 4}
+    assert intensity["randomised"] > 0.99 and intensity["other_class"] > 0.99 and not intensity["passes"]
+    assert patch_text["randomised"] < RANDOMISED_MAX and patch_text["passes"], patch_text
+    assert patch_text["other_class"] < 0.99  # another finding's text direction: another map
+    assert str(RANDOMISED_MAX) in result["rule"]
+    with pytest.raises(InputError, match="may not reuse"):
+        sanity_check(tiny_model, films, methods=["patch_text"], extra_maps={"patch_text": lambda *a: a[1].mean(1)})
+    with pytest.raises(InputError, match="not among"):
+        sanity_check(tiny_model, films, methods=["patch_text"], classes=["nodule", "no_finding"])
 
 
 # -- explaining a supervised head instead of the zero-shot classes --------------------------------------
@@ -1151,6 +1226,49 @@ def test_concept_data_fits_on_its_default_label_and_train_split_and_refuses_an_i
     result, output = invoke(*base, "--concept-split", "Train")
     assert result.exit_code == 2 and "the concept bottleneck needs a label column (--concept-label); available: " \
         "case_id, finding" in " ".join(output.split()), output
+
+
+def _some_labels_empty(phantom_dir: Path, folder: Path) -> Path:
+    """A copy of the phantom data (40 rows) whose ``finding`` is empty in 6 rows (4 of them train) and with a
+    ``grade`` column empty in every row."""
+    shutil.copytree(phantom_dir, folder)
+    rows = list(csv.DictReader((folder / "manifest.csv").open(newline="")))[:40]
+    with (folder / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[*rows[0], "grade"])
+        writer.writeheader()
+        writer.writerows({**row, "grade": "", "finding": "" if i % 7 == 3 else row["finding"]}
+                         for i, row in enumerate(rows))
+    return folder
+
+
+def test_concept_data_with_empty_labels_fits_on_the_labelled_records(tiny_model, tiny_model_dir, phantom_dir,
+                                                                     tmp_path):
+    """ISIC's table has 2 records with an empty diagnosis: the bottleneck embedded all 400 images but took 398
+    classes, and scikit-learn failed (inconsistent numbers of samples, a traceback). Records without a value in the
+    label column are left out before embedding, counted once in the log; compare_with_probe likewise. A column
+    empty in every record is refused in one line."""
+    data = _some_labels_empty(phantom_dir, tmp_path / "data")
+    train = medvl.load_dataset(data).select("train")
+    labelled = [r for r in train if "finding" in r.labels]
+    assert 0 < len(labelled) < len(train)
+    base = ["explain", _cardiomegaly_image(phantom_dir), "--model", tiny_model_dir, "--method", "patch_text",
+            "--concepts", "chest_xray", "--concept-data", data]
+    result, output = invoke(*base, "--concept-label", "finding", "--out", tmp_path / "why")
+    assert result.exit_code == 0 and "Traceback" not in output, output
+    skipped = f"skipped {len(train) - len(labelled)} records with an empty label in finding"
+    assert " ".join(result.stderr.split()).count(skipped) == 1, output  # said once, the records not named
+    fitted = ConceptBottleneck.load(tmp_path / "why" / "bottleneck.json")
+    assert fitted.classes == sorted({r.labels["finding"] for r in labelled})
+    embeddings = tiny_model.encode_images(tiny_model.preprocessor.load_many([r.image for r in labelled]))
+    assert np.allclose(fitted.mean, (embeddings.numpy().astype(np.float64) @ fitted.concept_vectors.T).mean(0))
+    test = medvl.load_dataset(data).select("test")
+    compared = compare_with_probe(tiny_model, train, test, "finding", load_concepts("chest_xray"))
+    assert compared["n_train"] == len(labelled) and compared["n_test"] == sum("finding" in r.labels for r in test)
+    result, output = invoke(*base, "--concept-label", "grade")
+    assert result.exit_code == 2 and "Traceback" not in output, output
+    assert "none of its" in output and "has a value in label column 'grade'" in " ".join(output.split()), output
+    with pytest.raises(InputError, match="has a value in label column 'grade'"):
+        compare_with_probe(tiny_model, train, test, "grade", load_concepts("chest_xray"))
 
 
 @pytest.mark.parametrize("args, needed", [

@@ -26,9 +26,10 @@ def explain_command(
     out: Annotated[Path | None, typer.Option(
         help="Folder for the heatmap overlays (PNG) and explanation.json; without it only the summary prints.")] = None,
     method: Annotated[list[str] | None, typer.Option(
-        help="Heatmap method (repeatable): patch_text, gradcam, occlusion, smoothgrad (default: every one the "
-             "model supports: all four on a CNN (resnet, densenet), all but gradcam on a ViT, where gradcam asked "
-             "for is refused; occlusion is the slowest, about 1-3 s per finding on 2 CPU cores at 96 px).")] = None,
+        help="Heatmap method (repeatable): patch_text, gradcam, occlusion, smoothgrad (default: patch_text, "
+             "gradcam and occlusion, those the model supports: gradcam on a CNN (resnet, densenet) only, refused on "
+             "a ViT; smoothgrad only when asked for: it fails the model-randomisation sanity check; occlusion is "
+             "the slowest, about 1-3 s per finding on 2 CPU cores at 96 px).")] = None,
     top: Annotated[int, typer.Option(help="Explain the TOP most probable findings.")] = 1,
     concepts: Annotated[str | None, typer.Option(
         help="Concept bank: chest_xray, dermoscopy (shipped) or a text file of phrases, one a line.")] = None,

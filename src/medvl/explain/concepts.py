@@ -316,20 +316,25 @@ def fingerprint_problem(model: Any) -> str | None:
 
 def fit_bottleneck(model, dataset, label: str, bank: ConceptBank, captions=None, seed: int = 0,
                    image_embeddings: torch.Tensor | None = None, show_progress: bool = False) -> ConceptBottleneck:
-    """Fit a bottleneck on ``dataset``'s images and ``label`` classes (every record the model can take is used:
-    a DICOM folder's 3D series are left out for a 2D model, its 2D images for a 3D one, with a warning,
-    ``Dataset.for_spatial_dims``); a warning when it keeps no concept (``ConceptBottleneck.warn_if_prior_only``).
+    """Fit a bottleneck on ``dataset``'s images and ``label`` classes (every record the model can take and with a
+    value in ``label`` is used: a DICOM folder's 3D series are left out for a 2D model, its 2D images for a 3D one,
+    with a warning, ``Dataset.for_spatial_dims``; records with an empty ``label`` are left out before any image is
+    embedded, counted in one INFO line, ``labelled_records``); a warning when it keeps no concept
+    (``ConceptBottleneck.warn_if_prior_only``).
     A ``label`` column of identifiers (an image or patient id: values mostly in one record, the subgroups' rule
     ``check_group_column``) is an InputError: one class per image is no class.
-    ``image_embeddings``: those of the records the model takes, in order."""
+    ``image_embeddings``: those of the records the model takes that have a ``label`` value, in order."""
     from sklearn.model_selection import GridSearchCV
 
-    dataset = dataset.for_spatial_dims(model.config.image.spatial_dims)  # a DICOM folder's other kind left out
+    dataset = labelled_records(dataset.for_spatial_dims(model.config.image.spatial_dims), label)
     check_group_column(dataset, label, role="label")
     classes, y = _targets(dataset, label)
     vectors = concept_embeddings(model, bank, captions).numpy().astype(np.float64)  # a phrase too long: before images
     if image_embeddings is None:
         image_embeddings = embed_images(model, dataset, show_progress=show_progress)
+    if len(image_embeddings) != len(y):
+        raise InputError(f"{dataset.source}: {len(image_embeddings)} image embeddings given for {len(y)} records "
+                         f"with a {label!r} value")
     scores = image_embeddings.numpy().astype(np.float64) @ vectors.T
     mean, scale = scores.mean(0), scores.std(0)
     scale[scale == 0] = 1.0
@@ -368,10 +373,11 @@ def l1_logistic_regression(seed: int = 0, **options: Any):
 def compare_with_probe(model, train_data, test_data, label: str, bank: ConceptBank, captions=None,
                        seed: int = 0, show_progress: bool = False) -> dict[str, Any]:
     """Accuracy of a concept bottleneck and of a linear probe on the same image embeddings (of the records the
-    model can take, ``Dataset.for_spatial_dims``)."""
+    model can take, ``Dataset.for_spatial_dims``, with a ``label`` value: ``labelled_records``)."""
     started = time.perf_counter()
     spatial_dims = model.config.image.spatial_dims
-    train_data, test_data = train_data.for_spatial_dims(spatial_dims), test_data.for_spatial_dims(spatial_dims)
+    train_data = labelled_records(train_data.for_spatial_dims(spatial_dims), label)
+    test_data = labelled_records(test_data.for_spatial_dims(spatial_dims), label)
     classes, y_train = _targets(train_data, label)
     test_classes, y_test = _targets(test_data, label, classes)
     concept_prompts(model, bank, captions)  # a phrase too long is refused before the images are embedded
@@ -385,6 +391,17 @@ def compare_with_probe(model, train_data, test_data, label: str, bank: ConceptBa
             "nonzero_concepts": bottleneck.nonzero, "c": bottleneck.c, "n_train": len(y_train), "n_test": len(y_test),
             "bottleneck": {k: cbm[k] for k in keys}, "probe": {k: probe[k] for k in keys},
             "seconds": round(time.perf_counter() - started, 2)}
+
+
+def labelled_records(dataset, label: str):
+    """The records of ``dataset`` with a value in ``label`` (``Dataset.with_labels``: those left out are counted in
+    one INFO line, never named), before any image is embedded, so that the embeddings and the classes are of the same
+    records; InputError when no record has one."""
+    labelled = dataset.with_labels([label])
+    if len(labelled) == 0 and len(dataset) > 0:
+        raise InputError(f"{dataset.source}: none of its {len(dataset)} records has a value in label column "
+                         f"{label!r}: a concept bottleneck needs labelled records")
+    return labelled
 
 
 def _targets(dataset, label: str, classes: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:

@@ -107,8 +107,9 @@ def explain_image(model, image: str | Path, labels: Sequence[str] | None = None,
                   overwrite: bool = False, bottleneck=None, index=None, k: int | None = None,
                   save_bottleneck: bool = False) -> dict[str, Any]:
     """Explain the ``top`` most probable findings of one image file (see the module docstring):
-    ``explain_pixels`` on the decoded image, maps at the image's size. ``methods``: default every method the
-    model's encoder supports (``heatmaps.default_methods``: no Grad-CAM on a ViT).
+    ``explain_pixels`` on the decoded image, maps at the image's size. ``methods``: default the methods of
+    ``heatmaps.EXPLAIN_METHODS`` the model's encoder supports (``heatmaps.default_methods``: no Grad-CAM on a ViT;
+    no smoothgrad unless asked for, it fails the model-randomisation check).
 
     ``bottleneck``: a fitted ``concepts.ConceptBottleneck`` (its classes must be these);
     ``index``: an open ``medvl.index`` index built with this model, whose ``k`` nearest cases are listed (default

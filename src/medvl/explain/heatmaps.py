@@ -11,13 +11,21 @@ Every method explains one class among a set of class text embeddings (the zero-s
 * ``gradcam``: Grad-CAM (Selvaraju et al. 2017, ``captum.attr.LayerGradCam``) of the class's
   zero-shot logit (scaled cosine of image and class embeddings) at the encoder's last
   convolutional stage (ResNet ``layer4``, DenseNet ``features``), ReLU applied.
-* ``occlusion``: a window slides over the input and is hidden by the image's local background;
+* ``occlusion``: a window slides over the input and is hidden, by default under the image's global
+  mean intensity (a flat grey patch, ``fill="mean"``; ``fill="ring"``, the mean of the band around
+  the window, and ``fill="blur"``, the blurred image, stand in for its local background instead, and
+  are chosen through ``settings``: ``medvl explain`` and the service use the default);
   the map is the drop of the class's zero-shot log-probability (log-softmax over the classes, so
   a drop means the class loses ground to the others), averaged over the windows covering each
-  pixel. Model-agnostic, pixel resolution; costs one forward pass per window position.
+  pixel. Model-agnostic, pixel resolution; costs one forward pass per window position. A grey patch
+  on a dark border or air is an edit unlike any training image: peaks at the image's edges may be
+  that, not evidence.
 * ``smoothgrad``: SmoothGrad of the same log-probability: the absolute input gradient averaged
   over noisy copies of the image, Gaussian-smoothed. Model-agnostic, pixel resolution; costs
-  one forward and backward pass per noisy copy.
+  one forward and backward pass per noisy copy. It fails the model-randomisation check
+  (``explain.sanity``): its map changes little when the image tower's weights are random and
+  little from one finding to another (it shows the image's edges more than the model's
+  evidence), so ``medvl explain`` runs it only when asked for by name (``EXPLAIN_METHODS``).
 
 ``gradcam``, ``occlusion`` and ``smoothgrad`` can explain a supervised head instead of the zero-shot
 classes: with the setting ``head="finding"`` they explain the model's linear head for that label
@@ -48,6 +56,10 @@ import torch.nn.functional as F
 from ..errors import InputError, ModelError
 
 METHODS = ("patch_text", "gradcam", "occlusion", "smoothgrad")
+# medvl explain's methods when none are asked for: smoothgrad fails the model-randomisation check (its maps of a
+# model whose image tower is re-initialised correlate 0.62-0.67 with the trained model's on the demo model,
+# ``explain.sanity``, docs/benchmarks.md "Heatmap sanity checks"), so it runs only when asked for by name
+EXPLAIN_METHODS = ("patch_text", "gradcam", "occlusion")
 CONVOLUTIONAL = ("resnet", "densenet")  # image encoders Grad-CAM explains (at their last convolutional stage)
 FILLS = ("ring", "blur", "mean")
 
@@ -78,12 +90,13 @@ def check_methods(methods: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(methods))
 
 
-def default_methods(model, among: Sequence[str] = METHODS) -> list[str]:
+def default_methods(model, among: Sequence[str] = EXPLAIN_METHODS) -> list[str]:
     """The methods of ``among`` (in its order) that run when none are asked for: each one the model's image
     encoder supports, i.e. all but ``gradcam`` on an encoder that is not convolutional (a ViT: Grad-CAM of its
     tokens is not defined here; asked for by name it is refused), and none for a model that takes no heatmap
     (``heatmap_refusal``: 3D and slice-pooling encoders). ``medvl explain`` runs every method this leaves of
-    ``METHODS``; the service its own cheaper set."""
+    ``EXPLAIN_METHODS`` (``smoothgrad`` only by name: it fails the model-randomisation check); the service its
+    own cheaper set."""
     image = model.config.image
     if heatmap_refusal(image):
         return []
@@ -297,7 +310,8 @@ def _starts(length: int, side: int, step: int) -> list[int]:
 
 
 def _fills(pixels: torch.Tensor, side: int, fill: str) -> torch.Tensor:
-    """What hides each window, standing in for the image's local background.
+    """What hides each window: the image's global mean (``mean``, the default), or a stand-in for its local
+    background (``ring``, ``blur``).
 
     * ``ring``: the mean of the band ``side // 2`` wide around the window (its own surroundings: a
       nodule is replaced by the lung around it, not by a global grey). Returned as (N, C, H', W'):
