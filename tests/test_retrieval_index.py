@@ -652,6 +652,36 @@ def test_info_says_the_builds_recall_was_measured_on_fewer_vectors_after_add_and
     assert described["images"]["recall_measured_on"] == 40 and described["images"]["recall_stale"] is True
 
 
+def test_an_ivfpq_index_reports_the_lists_it_probes_and_its_code_size(model_dir, phantom_dir, tmp_path):
+    """96 vectors train 2 inverted lists (min(4 sqrt(n), n // 39)) of 4-bit codes (8-bit from 9,984 vectors): 64-d
+    in 32 sub-quantizers, 16 bytes per vector. Build and info said ``nprobe`` 16, the configured constant, while the
+    index probes its 2 lists, and named neither the lists nor the code size. They now give what the FAISS file
+    searches with, also for an index whose index.json an earlier medvl wrote."""
+    import faiss
+
+    out = tmp_path / "idx"
+    result, output = invoke("index", "build", "--model", model_dir, "--data", phantom_dir, "--out", out, "--kind",
+                            "ivfpq", "--json", tmp_path / "build.json", "-q")
+    assert result.exit_code == 0, output
+    ann = faiss.read_index(str(out / "index.faiss"))
+    assert (ann.nlist, ann.nprobe, ann.pq.nbits, ann.code_size) == (2, 2, 4, 16)
+    expected = {"nlist": 2, "nprobe": 2, "nbits": 4, "code_bytes": 16}
+    shown = " ".join(output.replace("│", " ").split())
+    assert "images lists probed 2 of 2 images codes 4-bit, 16 bytes per vector" in shown, output
+    built = json.loads((tmp_path / "build.json").read_text())
+    assert {key: built["images"].get(key) for key in expected} == expected
+    assert {key: built["texts"].get(key) for key in expected} == expected
+    saved = json.loads((out / "index.json").read_text())
+    for target in ("images", "texts"):  # as an earlier medvl wrote it
+        saved[target] = {**{k: v for k, v in saved[target].items() if k not in expected}, "nprobe": 16}
+    (out / "index.json").write_text(json.dumps(saved))
+    result, output = invoke("index", "info", "--index", out, "--json", tmp_path / "info.json")
+    shown = " ".join(output.replace("│", " ").split())
+    assert result.exit_code == 0 and "texts lists probed 2 of 2 texts codes 4-bit, 16 bytes per vector" in shown, output
+    described = json.loads((tmp_path / "info.json").read_text())
+    assert {key: described["images"].get(key) for key in expected} == expected
+
+
 def test_hnsw_tombstones_then_rebuild(model, model_dir, dataset, tmp_path, monkeypatch):
     from medvl.index import faiss_store
 
