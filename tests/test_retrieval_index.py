@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from contextlib import closing
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import pytest
@@ -651,6 +652,36 @@ def test_info_says_the_builds_recall_was_measured_on_fewer_vectors_after_add_and
     assert described["images"]["recall_measured_on"] == 40 and described["images"]["recall_stale"] is True
 
 
+def test_an_ivfpq_index_reports_the_lists_it_probes_and_its_code_size(model_dir, phantom_dir, tmp_path):
+    """96 vectors train 2 inverted lists (min(4 sqrt(n), n // 39)) of 4-bit codes (8-bit from 9,984 vectors): 64-d
+    in 32 sub-quantizers, 16 bytes per vector. Build and info said ``nprobe`` 16, the configured constant, while the
+    index probes its 2 lists, and named neither the lists nor the code size. They now give what the FAISS file
+    searches with, also for an index whose index.json an earlier medvl wrote."""
+    import faiss
+
+    out = tmp_path / "idx"
+    result, output = invoke("index", "build", "--model", model_dir, "--data", phantom_dir, "--out", out, "--kind",
+                            "ivfpq", "--json", tmp_path / "build.json", "-q")
+    assert result.exit_code == 0, output
+    ann = faiss.read_index(str(out / "index.faiss"))
+    assert (ann.nlist, ann.nprobe, ann.pq.nbits, ann.code_size) == (2, 2, 4, 16)
+    expected = {"nlist": 2, "nprobe": 2, "nbits": 4, "code_bytes": 16}
+    shown = " ".join(output.replace("│", " ").split())
+    assert "images lists probed 2 of 2 images codes 4-bit, 16 bytes per vector" in shown, output
+    built = json.loads((tmp_path / "build.json").read_text())
+    assert {key: built["images"].get(key) for key in expected} == expected
+    assert {key: built["texts"].get(key) for key in expected} == expected
+    saved = json.loads((out / "index.json").read_text())
+    for target in ("images", "texts"):  # as an earlier medvl wrote it
+        saved[target] = {**{k: v for k, v in saved[target].items() if k not in expected}, "nprobe": 16}
+    (out / "index.json").write_text(json.dumps(saved))
+    result, output = invoke("index", "info", "--index", out, "--json", tmp_path / "info.json")
+    shown = " ".join(output.replace("│", " ").split())
+    assert result.exit_code == 0 and "texts lists probed 2 of 2 texts codes 4-bit, 16 bytes per vector" in shown, output
+    described = json.loads((tmp_path / "info.json").read_text())
+    assert {key: described["images"].get(key) for key in expected} == expected
+
+
 def test_hnsw_tombstones_then_rebuild(model, model_dir, dataset, tmp_path, monkeypatch):
     from medvl.index import faiss_store
 
@@ -1244,6 +1275,75 @@ def test_pgvector_hnsw_returns_every_case_asked_for(pg_url, built, model, model_
         reference = search_index(local, model, image=dataset[3].image, k=96)
     assert len(ours) == 96 and {h.id for h in ours} == {h.id for h in reference}
     assert [h.score for h in ours] == pytest.approx([h.score for h in reference], abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def reused_plans_url(pg_url):
+    """A database of the test server whose sessions keep a statement's generic plan (``plan_cache_mode``
+    force_generic_plan: what PostgreSQL chooses by itself after five runs of a statement on an analysed table of 500
+    cases) and prefer index scans (``enable_seqscan`` off: the planner's choice on a large table)."""
+    _pg_rows(pg_url, "CREATE DATABASE reused_plans")
+    _pg_rows(pg_url, "ALTER DATABASE reused_plans SET plan_cache_mode = force_generic_plan")
+    _pg_rows(pg_url, "ALTER DATABASE reused_plans SET enable_seqscan = off")
+    return urlunsplit(urlsplit(pg_url.partition("#")[0])._replace(path="/reused_plans")) + "#reused"
+
+
+@pytest.mark.pgvector
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
+def test_pgvector_filtered_searches_keep_returning_k_on_one_connection(reused_plans_url, built, model, model_dir,
+                                                                        dataset, monkeypatch):
+    """A filter that starves the HNSW beam (ef_search 10, half the cases allowed) is ranked again exactly, index scans
+    off. psycopg prepared the search's SQL from its sixth run, and the server then reused that statement's cached
+    HNSW plan for the exact ranking too (a SET LOCAL does not replan it): after a few searches on one connection (a
+    service's) k=10 came back with 5 to 9 cases."""
+    from medvl.index import pgvector_store
+
+    monkeypatch.setattr(pgvector_store, "PG_EF_SEARCH", 10)
+    url = reused_plans_url.replace("#reused", "#filtered")
+    build_index(model, dataset, url, model_dir=model_dir, kind="hnsw", show_progress=False)
+    where = "sex = 'F'"
+    with open_index(url) as pg, open_index(built[0]) as local:
+        for i, k in enumerate([3, 3, 10] * 5):  # k 3: the beam answers alone; k 10: it is short, ranked exactly
+            hits = search_index(pg, model, image=dataset[i].image, k=k, where=where)
+            assert len(hits) == k and all(h.meta["sex"] == "F" for h in hits), (i, k, len(hits))
+            if k == 10:
+                reference = search_index(local, model, image=dataset[i].image, k=k, where=where)
+                assert {h.id for h in hits} == {h.id for h in reference}, i
+                assert [h.score for h in hits] == pytest.approx([h.score for h in reference], abs=1e-4)
+
+
+@pytest.mark.pgvector
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
+def test_pgvector_recall_is_measured_against_exact_search(reused_plans_url, model, model_dir, dataset, monkeypatch):
+    """ef_search 5: the graph finds about half of a query's 10 nearest. The build ran one SQL text for both sides on
+    one connection: once the server reused its plan both sides were the same scan, and the build recorded 0.97 where
+    0.5 was true; it also divided by the exact side's row count, not by 10. Checked against recall@10 computed here
+    by hand on the same 50 sampled vectors, with no statement prepared."""
+    import psycopg
+
+    from medvl.index import pgvector_store
+
+    monkeypatch.setattr(pgvector_store, "PG_EF_SEARCH", 5)
+    url = reused_plans_url.replace("#reused", "#narrow_beam")
+    info = build_index(model, dataset, url, model_dir=model_dir, kind="hnsw", show_progress=False)
+    with psycopg.connect(url.partition("#")[0], autocommit=True, prepare_threshold=None) as conn:
+        conn.execute("SET hnsw.ef_search = 5")
+        for target, column in (("images", "image_vec"), ("texts", "text_vec")):
+            sampled = conn.execute(f"SELECT {column}::text FROM narrow_beam WHERE {column} IS NOT NULL "
+                                   "ORDER BY md5(id) LIMIT 50").fetchall()
+            nearest = f"SELECT id FROM narrow_beam WHERE {column} IS NOT NULL ORDER BY {column} <#> %s::vector LIMIT 10"
+            shares = []
+            for (query,) in sampled:
+                graph = {row[0] for row in conn.execute(nearest, (query,))}
+                conn.execute("SET enable_indexscan = off")
+                conn.execute("SET enable_seqscan = on")
+                exact = {row[0] for row in conn.execute(nearest, (query,))}
+                conn.execute("RESET enable_indexscan")
+                conn.execute("RESET enable_seqscan")
+                assert len(exact) == 10
+                shares.append(len(graph & exact) / 10)
+            assert len(sampled) == 50 and info[target]["recall_at_10"] == pytest.approx(np.mean(shares), abs=1e-12)
+            assert 0 < info[target]["recall_at_10"] < 0.8, (target, info[target]["recall_at_10"])
 
 
 @pytest.mark.pgvector

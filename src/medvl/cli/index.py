@@ -53,6 +53,9 @@ def _index_rows(info: dict) -> dict:
         if target in info:
             block = info[target]
             rows[f"{target} index"] = block["kind"]
+            if "nlist" in block:  # IVF-PQ
+                rows[f"{target} lists probed"] = f"{block['nprobe']} of {block['nlist']}"
+                rows[f"{target} codes"] = f"{block['nbits']}-bit, {block['code_bytes']} bytes per vector"
             rows[f"{target} recall@10 vs exact"] = block["recall_at_10"]
             if block.get("recall_stale"):
                 rows[f"{target} recall@10 vs exact"] = (

@@ -7,7 +7,8 @@ from __future__ import annotations
 FLAT, HNSW, IVFPQ = "flat", "hnsw", "ivfpq"  # exact inner product; graph; inverted lists + product quantizer
 KINDS = (FLAT, HNSW, IVFPQ)
 # exact search below 50k vectors; HNSW (full vectors + graph, ~2.3 GB per million 512-d vectors) below
-# 2M; IVF-PQ above, where memory decides: dim/2 bytes per vector, at a recall cost recorded at build
+# 2M; IVF-PQ above, where memory decides: dim/2 bytes per vector, at most 128 (half that below 9,984 vectors:
+# 4-bit codes), at a recall cost recorded at build
 FLAT_MAX, HNSW_MAX = 50_000, 2_000_000
 RECALL_K = 10
 IVFPQ_MIN = 16  # vectors an IVF-PQ index needs to train its quantizers on

@@ -214,13 +214,30 @@ def measure_recall(ann: Any, kind: str, vectors: np.ndarray, vids: np.ndarray, s
     return float(np.sum(hits) / (k * len(queries)))
 
 
-def describe_ann(kind: str, n: int, recall: float) -> dict[str, Any]:
+def describe_ann(kind: str, n: int, recall: float, ann: Any = None) -> dict[str, Any]:
+    """The index info's block for a vector set: kind, size, recall@10 and the settings searches use (IVF-PQ's are
+    read from ``ann``, which they depend on the size of)."""
     described: dict[str, Any] = {"kind": kind, "n": n, "recall_at_10": recall}
     if kind == HNSW:
         described.update(M=HNSW_M, ef_construction=HNSW_EF_CONSTRUCTION, ef_search=HNSW_EF_SEARCH)
     elif kind == IVFPQ:
-        described.update(nprobe=IVF_NPROBE)
+        described.update(ivfpq_settings(ann))
     return described
+
+
+def ivfpq_settings(ann: Any) -> dict[str, int]:
+    """What an IVF-PQ index searches with: its inverted lists (``nlist``, fewer on a small collection: see
+    ``_train_ivfpq``), the lists a query probes (``nprobe``: ``IVF_NPROBE``, every list when there are fewer) and
+    its codes' bits per sub-quantizer (``nbits``: 8 from 9,984 vectors, 4 below) and bytes per vector
+    (``code_bytes``). Empty for an index that is not IVF."""
+    import faiss
+
+    inner = faiss.try_extract_index_ivf(ann)
+    if inner is None:
+        return {}
+    ivf: Any = faiss.downcast_index(inner)  # the IVF-PQ class; lives in ann, which the caller holds
+    bits = int(ivf.pq.nbits) if hasattr(ivf, "pq") else 0
+    return {"nlist": int(ivf.nlist), "nprobe": int(ivf.nprobe), "nbits": bits, "code_bytes": int(ivf.code_size)}
 
 
 def ann_ids(ann: Any) -> np.ndarray:
@@ -577,7 +594,7 @@ class FaissBuilder:
             ann = build_ann(np.ascontiguousarray(vectors), ids, chosen)
             recall = measure_recall(ann, chosen, vectors, ids)
             faiss.write_index(ann, str(self.staging / INDEX_FILES[target]))
-            info[target] = {**describe_ann(chosen, len(ids), recall),
+            info[target] = {**describe_ann(chosen, len(ids), recall, ann),
                             "build_seconds": round(time.perf_counter() - started, 3)}
             log.info("%s: %s index of %d vectors, recall@10 %.3f", target, chosen, len(ids), recall)
         FilterColumns.from_table(self.conn, {**FIXED_COLUMNS, **self.columns}).save(self.staging)
@@ -642,6 +659,9 @@ class FaissIndex(IndexBase):
         except BaseException:
             self._close_files()
             raise
+        for target, ann in self.anns.items():  # from the file: an earlier medvl recorded nprobe 16 whatever it used
+            if self.info[target]["kind"] == IVFPQ:
+                self.info[target].update(ivfpq_settings(ann))
         self.workdir: Path | None = None  # the copy being edited, once there is a change
         self._filters: FilterColumns | None = None  # read at the first filtered search or change
         self._filters_lock = threading.Lock()

@@ -93,7 +93,10 @@ def _connect(url: str, autocommit: bool):
     psycopg = _psycopg()
     address = parse_url(url)
     try:
-        conn = psycopg.connect(address.conninfo, autocommit=autocommit, connect_timeout=10)
+        # prepare_threshold None: no statement is prepared server-side. A prepared statement's cached plan ignores
+        # later SET LOCALs, so the exact ranking (``_rows``) ran the HNSW plan of the same SQL, as PostgreSQL's
+        # generic plan does after five runs on an analysed table: filtered searches came back short
+        conn = psycopg.connect(address.conninfo, autocommit=autocommit, connect_timeout=10, prepare_threshold=None)
     except psycopg.Error as err:
         reason = address.scrub(" ".join(str(err).split()))[:200]  # libpq's message has several lines: one line
         raise DataError(redact(url), f"cannot connect to PostgreSQL ({reason})") from None
@@ -271,7 +274,7 @@ class PgVectorBuilder:
             started = time.perf_counter()
             if chosen == HNSW:
                 _ensure_hnsw(self.conn, self.staging, _VECTOR_COLUMN[target])
-            recall = _measure_recall(self.conn, self.staging, target) if chosen == HNSW else 1.0
+            recall = _measure_recall(self.conn, self.staging, target, count) if chosen == HNSW else 1.0
             info[target] = {"kind": chosen, "n": count, "recall_at_10": recall,
                             "build_seconds": round(time.perf_counter() - started, 3)}
         info.update(columns=self.columns, n_cases=n)
@@ -320,9 +323,11 @@ def _ensure_hnsw(conn, table: str, column: str) -> None:
     conn.commit()
 
 
-def _measure_recall(conn, table: str, target: str) -> float:
-    """Recall@10 of the HNSW index against exact search (index scans off) on sampled rows."""
+def _measure_recall(conn, table: str, target: str, count: int) -> float:
+    """Recall@10 of the HNSW index against exact search (index scans off) on sampled rows of the ``count``
+    vectors: the share of each query's ``min(10, count)`` exact nearest the HNSW search finds."""
     sql = _sql()
+    k = min(RECALL_K, count)
     column = sql.Identifier(_VECTOR_COLUMN[target])
     queries = conn.execute(sql.SQL("SELECT {c}::text FROM {t} WHERE {c} IS NOT NULL ORDER BY md5(id) LIMIT %s")
                            .format(c=column, t=sql.Identifier(table)), (RECALL_SAMPLE,)).fetchall()
@@ -330,9 +335,9 @@ def _measure_recall(conn, table: str, target: str) -> float:
         t=sql.Identifier(table), c=column)
     found = 0.0
     for (query,) in queries:
-        ann = {r[0] for r in _rows(conn, nearest, (query, RECALL_K), exact=False)}
-        exact = {r[0] for r in _rows(conn, nearest, (query, RECALL_K), exact=True)}
-        found += len(ann & exact) / max(1, len(exact))
+        ann = {r[0] for r in _rows(conn, nearest, (query, k), exact=False)}
+        exact = {r[0] for r in _rows(conn, nearest, (query, k), exact=True)}
+        found += len(ann & exact) / max(1, k)
     conn.commit()
     return found / max(1, len(queries))
 
@@ -346,7 +351,7 @@ def _rows(conn, statement, params: tuple, exact: bool) -> list[tuple]:
         conn.execute("SET LOCAL enable_indexscan = off")
         conn.execute("SET LOCAL enable_seqscan = on")  # whatever the session says: the scan that is exact
         try:
-            return conn.execute(statement, params).fetchall()
+            return conn.execute(statement, params, prepare=False).fetchall()  # planned now, with index scans off
         finally:  # SET LOCAL outlives a savepoint: switch both back within the same transaction
             conn.execute("SET LOCAL enable_indexscan = on")
             conn.execute(f"SET LOCAL enable_seqscan = {'on' if before == 'on' else 'off'}")  # a constant
