@@ -4,10 +4,10 @@ For each heatmap method (patch_text, gradcam, occlusion, smoothgrad; ``--methods
 rank correlation of the trained model's maps with those of a copy whose image tower and image projection are
 re-initialised (``--seed``), and of the map of each film's finding with that of another finding, beside the
 expectation: a map that reflects the model changes when its weights are randomised. Rule
-(``medvl.explain.sanity.RANDOMISED_MAX``): a method passes when its correlation with the randomised model is
-below 0.5. The image's own intensity, a map that ignores the model, is checked beside them as a reference
-that must fail. Films: the first ``--n`` of ``--split`` whose finding is not ``no_finding`` (nothing to point
-at). Command and figures: docs/benchmarks.md, "Heatmap sanity checks".
+(``medvl.explain.sanity.RANDOMISED_MAX``): a method passes when the mean absolute value of its correlation with
+the randomised model is below 0.5. The image's own intensity, a map that ignores the model, is checked beside
+them as a reference that must fail. Films: the first ``--n`` of ``--split`` whose finding is not ``no_finding``
+(nothing to point at). Command and figures: docs/benchmarks.md, "Heatmap sanity checks".
 
     python benchmarks/heatmap_sanity.py --model medvl-demo/train/model --data medvl-demo/data --split test \\
         --n 8 --json sanity.json
@@ -36,12 +36,13 @@ def intensity_map(model, pixels: torch.Tensor, texts: torch.Tensor, target: int)
 
 
 def table(result: dict) -> str:
-    lines = ["| method | trained vs randomised (Spearman) | finding vs other finding | expected | verdict |",
-             "|---|---|---|---|---|"]
+    lines = ["| method | trained vs randomised: mean abs. Spearman (signed mean) | finding vs other finding | expected "
+             "| verdict |", "|---|---|---|---|---|"]
     for name, row in result["methods"].items():
-        randomised, other = (f"{row[k]:.3f}" if row[k] is not None else "n/a" for k in ("randomised", "other_class"))
+        absolute, randomised, other = (f"{row[k]:.3f}" if row[k] is not None else "n/a"
+                                       for k in ("randomised_abs", "randomised", "other_class"))
         verdict = "pass" if row["passes"] else "FAIL"
-        lines.append(f"| {name} | {randomised} | {other} | < {RANDOMISED_MAX} | {verdict} |")
+        lines.append(f"| {name} | {absolute} ({randomised}) | {other} | < {RANDOMISED_MAX} | {verdict} |")
     return "\n".join(lines)
 
 

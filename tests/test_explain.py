@@ -1070,8 +1070,14 @@ def test_sanity_check_fails_a_map_that_ignores_the_model_and_passes_patch_text(t
     intensity, patch_text = result["methods"]["intensity"], result["methods"]["patch_text"]
     assert result["images"] == 4 and intensity["n"] == {"randomised": 4, "other_class": 4}
     assert intensity["randomised"] > 0.99 and intensity["other_class"] > 0.99 and not intensity["passes"]
-    assert patch_text["randomised"] < RANDOMISED_MAX and patch_text["passes"], patch_text
+    assert patch_text["randomised_abs"] < RANDOMISED_MAX and patch_text["passes"], patch_text
+    assert patch_text["randomised_abs"] >= abs(patch_text["randomised"])
     assert patch_text["other_class"] < 0.99  # another finding's text direction: another map
+    # a map the randomised model ranks in reverse depends on the image as much: the signed mean (-1) passed the rule
+    inverted = sanity_check(tiny_model, films, methods=["patch_text"], classes=test_set.classes("finding"),
+                            extra_maps={"reversed": lambda model, pixels, texts, target:
+                                        pixels.mean(1) * (1 if model is tiny_model else -1)})["methods"]["reversed"]
+    assert inverted["randomised"] < -0.99 and inverted["randomised_abs"] > 0.99 and not inverted["passes"]
     assert str(RANDOMISED_MAX) in result["rule"]
     with pytest.raises(InputError, match="may not reuse"):
         sanity_check(tiny_model, films, methods=["patch_text"], extra_maps={"patch_text": lambda *a: a[1].mean(1)})
