@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cli_helpers import invoke, isic_rows, write_manifest
-from medvl.bench.cv import make_folds
+from medvl.bench.cv import _groups, make_folds
 from medvl.data import load_dataset
 from medvl.errors import InputError
 from medvl.eval.metrics import classification_metrics
@@ -127,6 +127,26 @@ def test_bench_cv_unknown_label_column_is_a_one_line_error(isic_subset):
                             "--epochs", 1, "-q")  # the group columns are the metadata's, not the label's
     assert result.exit_code == 2
     assert "unknown group column 'patient_id'; columns: diagnosis, patient" in " ".join(output.split())
+
+
+def test_bench_cv_folds_keep_a_figure1_patients_films_together(shared_data):
+    """``--group-column patient_id`` on the Figure 1 table: each patient's 2-3 films fall in one fold (ungrouped
+    folds put COVID-00039's three films on both sides); the table's own ``patientid`` names films, not patients."""
+    dataset = load_dataset(shared_data / "figure1-covid-cxr", ["finding"])
+    classes = dataset.classes("finding")
+    y = np.array([classes.index(record.labels["finding"]) for record in dataset])
+    groups = _groups(dataset, "patient_id")  # what bench cv hands make_folds for --group-column patient_id
+    assert len(set(groups)) == 36 < len(dataset) == 40  # COVID-00015, 00039 and 00043: 2, 3 and 2 labelled films
+    for seed in range(4):
+        fold_of = {}
+        for fold, (_, test) in enumerate(make_folds(y, 2, seed, groups)):
+            fold_of |= {int(i): fold for i in test}
+        for patient in set(groups):
+            assert len({fold_of[i] for i in np.flatnonzero(groups == patient)}) == 1, (seed, patient)
+    result, output = invoke("bench", "cv", "--data", shared_data / "figure1-covid-cxr", "-l", "finding", "--model",
+                            "phantom-tiny", "--folds", 2, "--epochs", 1, "--group-column", "patientid", "-q")
+    assert result.exit_code == 2 and "unknown group column 'patientid'" in output
+    assert "patient_id" in output.split("columns:")[1]  # the error offers the patient column
 
 
 @pytest.mark.parametrize("repeats", [0, -2])

@@ -64,6 +64,23 @@ def test_figure1_loads_with_notes_as_text(shared_data, caplog):
         "COVID-19", "No finding", "Pneumonia"]
 
 
+def test_figure1_films_of_one_patient_share_its_patient_id(shared_data):
+    """The table names a patient's films COVID-00039a, b, c: their records share meta patient_id (the key the grouping
+    rules read), so folds, bootstrap draws and the same-case rules can keep them together."""
+    dataset = load_dataset(shared_data / "figure1-covid-cxr")
+    films: dict[str, list[str]] = {}
+    for record in dataset:
+        films.setdefault(record.meta["patient_id"], []).append(record.id)
+    assert len(films) == 48  # 55 films of 48 patients
+    assert {patient: ids for patient, ids in films.items() if len(ids) > 1} == {
+        "COVID-00003": ["COVID-00003a", "COVID-00003b"], "COVID-00013": ["COVID-00013a", "COVID-00013b"],
+        "COVID-00015": ["COVID-00015a", "COVID-00015b"],
+        "COVID-00039": ["COVID-00039a", "COVID-00039b", "COVID-00039c"],
+        "COVID-00040": ["COVID-00040a", "COVID-00040b"], "COVID-00043": ["COVID-00043a", "COVID-00043b"]}
+    assert films["COVID-00001"] == ["COVID-00001"]
+    assert "patient_id" not in dataset.label_names  # a grouping key, not a label candidate
+
+
 def test_pneumoniamnist_splits_and_labels(shared_data):
     path = shared_data / "pneumoniamnist" / "pneumoniamnist.npz"
     dataset = load_dataset(path)

@@ -39,8 +39,10 @@ defaults. The Figure 1 COVID-19 chest X-ray table (``patientid``, ``finding``, `
 ``modality``, ``notes``...): text = ``notes`` (clinical history; 6 of 55 rows are empty and 1 says
 ``N/A``: their records have no text and the count is logged), default label column ``finding`` (``COVID-19``,
 ``No finding``, ``Pneumonia``; empty in 15 rows), meta = every other non-empty cell (``view``,
-``modality``, ``age``, ``sex``, ``offset``...). A row whose image file is missing is skipped and
-counted in a warning rather than failing the load (unless no row is left).
+``modality``, ``age``, ``sex``, ``offset``...) and ``patient_id``: the ``patientid`` less its film letter
+(``COVID-00039a``, ``b``, ``c`` are three films of patient ``COVID-00039``; ``film_patient``), the key the
+grouping rules read (same-case exclusion, ``bench cv --group-column patient_id``). A row whose image file is
+missing is skipped and counted in a warning rather than failing the load (unless no row is left).
 
 Paths stay inside the folder: a row whose image resolves (symbolic links followed) outside the
 manifest's folder (``../../etc/passwd``, an absolute path elsewhere, a link out of the folder) is
@@ -100,12 +102,20 @@ class KnownTable:
     default_labels: tuple[str, ...]  # used when no dataset.json names label columns
     skip_missing_images: bool = False  # a row with a missing image file is skipped and counted, not an error
     no_text: frozenset[str] = frozenset()  # text cells that say there is no text (Figure 1's 'N/A' note)
+    # the column naming each film by its patient and a film letter (Figure 1's ``patientid``: COVID-00039a, b, c):
+    # the value less that letter is the record's ``meta["patient_id"]``, so that one patient's films group together
+    patient_column: str | None = None
 
 
 KNOWN_TABLES = (
     KnownTable("Figure 1 COVID-19 chest X-ray", frozenset({"patientid", "finding", "view", "modality", "notes"}),
-               default_labels=("finding",), skip_missing_images=True, no_text=frozenset({"N/A"})),
+               default_labels=("finding",), skip_missing_images=True, no_text=frozenset({"N/A"}),
+               patient_column="patientid"),
 )
+# the meta key naming a record's patient: the one the grouping rules read (medvl.index.cases.CASE_KEYS: same-case
+# exclusion, report drafts, bench's clustered bootstrap) and bench cv's --group-column can name
+PATIENT_KEY = "patient_id"
+FILM_LETTER = re.compile(r"(?<=[0-9])[a-z]\Z")  # COVID-00039b: the second film of patient COVID-00039
 
 # cells that spell a missing value in any case (pandas' na_rep="NaN", numpy's text output, R's write.csv "NA", SQL /
 # JSON null): read as missing, as an empty cell and a JSONL null or NaN are, never as a class. Not "None": in
@@ -607,10 +617,18 @@ def _read_as_binary(path: Path, rows: list[Row], column: str, kind: str, binary:
             row[column] = binary[row[column].lower()]  # the keys are lower case
 
 
+def film_patient(film: str) -> str:
+    """The patient of a film named by patient and film letter (``COVID-00039b`` -> ``COVID-00039``); a name without
+    a film letter (``COVID-00001``, the patient's only film) is the patient's."""
+    return FILM_LETTER.sub("", film)
+
+
 def _build_records(path: Path, columns: list[str], rows: list[Row], skip_missing_images: bool = False,
                    allow_outside_root: bool = False, keep_missing_images: bool = False,
-                   no_text: frozenset[str] = frozenset()) -> tuple[list[Record], list[str]]:
+                   no_text: frozenset[str] = frozenset(),
+                   patient_column: str | None = None) -> tuple[list[Record], list[str]]:
     roles = _columns_for(path, columns)
+    patient_column = _find_column(columns, (patient_column,)) if patient_column else None
     check_reserved_split(path, rows, roles["split"])
     special = {roles["image"], roles["text"], roles["split"], roles["id"]}
     labels = [column for column in columns if column not in special]
@@ -625,6 +643,8 @@ def _build_records(path: Path, columns: list[str], rows: list[Row], skip_missing
     images: list[tuple[str, Path]] = []
     for line, row in rows:
         record, image, exists = _record(path, line, row, roles, labels, resolver)
+        if patient_column and row.get(patient_column):  # a table's own patient_id column, if any, comes first
+            record.meta.setdefault(PATIENT_KEY, film_patient(row[patient_column]))
         images.append((f"line {line}", image))
         if not exists:
             missing.append((line, image))
@@ -695,7 +715,8 @@ def load_manifest(path: str | Path, allow_outside_root: bool = False, sidecar_fo
         raise DataError(path, "empty manifest (no rows)")
     known = known_table(columns)
     records, labels = _build_records(path, columns, rows, bool(known and known.skip_missing_images),
-                                     allow_outside_root, keep_missing_images, known.no_text if known else frozenset())
+                                     allow_outside_root, keep_missing_images, known.no_text if known else frozenset(),
+                                     known.patient_column if known else None)
     sidecar = _sidecar_for(path, folder)
     defaults = sidecar.get("label_columns") or [c for c in (known.default_labels if known else ()) if c in labels]
     unknown = [label for label in defaults if label not in labels]
