@@ -106,6 +106,20 @@ def test_medpix_splits_labels_and_reports(shared_data):
     assert "History:" in record.meta["case_report"] and record.meta["case_diagnosis"]
 
 
+def test_medpix_location_left_blank_and_an_address_are_missing(shared_data):
+    """The form's 'Left Blank' (one dev image) and the NLM's address 'Bethesda, MD' (two train images) are no
+    location classes: a train -> dev probe on location found 'Left Blank' unknown to training."""
+    dataset = load_dataset(shared_data / "medpix-2.0", ["location"])
+    train, dev = dataset.select("train"), dataset.select("dev")
+    assert (len(train), len(dev)) == (1651, 196)  # of 1,653 and 197
+    assert len(train.classes("location")) == 20 and len(dev.classes("location")) == 12
+    assert set(dev.classes("location")) <= set(train.classes("location"))
+    assert not {"Left Blank", "Bethesda, MD"} & set(dataset.classes("location"))
+    unlabelled = {r.id: r for r in load_dataset(shared_data / "medpix-2.0") if "location" not in r.labels}
+    assert sorted(unlabelled) == ["MPX1325_synpic22299", "MPX2075_synpic33087", "MPX2075_synpic33089"]
+    assert {r.labels["location_category"] for r in unlabelled.values()} == {"Abdomen"}  # the rest of the row stays
+
+
 # ---------------------------------------------------------------- npz files written here
 
 

@@ -14,7 +14,12 @@ written; a missing value is absent):
   is treated as missing;
 - ``location_category``: ``Location Category`` (Head, Thorax, Abdomen, Spine and Muscles,
   Reproductive and Urinary System);
-- ``location``: ``Location`` (about 20 finer regions, e.g. Brain and Neuro, Chest, Pulmonary).
+- ``location``: ``Location`` (about 20 finer regions, e.g. Brain and Neuro, Chest, Pulmonary). A value naming no
+  region of the body is missing (``NOT_LOCATIONS``): ``Bethesda, MD``, MedPix's own address, written as the
+  location of one train case's two images.
+
+In every field, ``N/A`` and ``Left Blank`` (the MedPix form's mark of a field nobody filled in) are missing values
+(``MISSING_VALUES``), as an empty or absent one is: never a class, a caption or a prompt.
 
 Meta: ``case_id`` (``U_id``), ``age`` (years, as written), ``sex`` (``N/A`` = missing),
 ``modality_detail`` (e.g. ``MR - T2 weighted``), ``acr_codes``, ``figure_part`` and, when the case
@@ -44,7 +49,8 @@ log = logging.getLogger(__name__)
 DESCRIPTIONS_GLOB = "descriptions_*.jsonl"
 IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg")
 LABEL_NAMES = ["modality", "plane", "location_category", "location"]
-MISSING_VALUES = {"", "N/A", "NOS - Not specified"}
+MISSING_VALUES = {"", "N/A", "NOS - Not specified", "Left Blank"}  # 'Left Blank': the form's field not filled in
+NOT_LOCATIONS = {"Bethesda, MD"}  # Location values that name no body region (the NLM's address): missing
 REPORT_PARTS = ("History", "Exam", "Findings", "Differential Diagnosis", "Case Diagnosis",
                 "Discussion")
 SPLIT_ORDER = ("train", "val", "valid", "validation", "dev", "test")
@@ -61,6 +67,12 @@ def _value(data: dict[str, Any], key: str) -> str | None:
         return None
     text = str(value).strip()
     return None if text in MISSING_VALUES else text
+
+
+def _location(row: dict[str, Any]) -> str | None:
+    """The image's ``Location``, or None when missing or naming no region of the body (``NOT_LOCATIONS``)."""
+    location = _value(row, "Location")
+    return None if location in NOT_LOCATIONS else location
 
 
 def _present(mapping: dict[str, str | None]) -> dict[str, str]:
@@ -132,7 +144,7 @@ def _record(row: dict[str, Any], split: str, image: Path,
         "modality": _value(row, "Type"),
         "plane": _value(description, "Plane"),
         "location_category": _value(row, "Location Category"),
-        "location": _value(row, "Location"),
+        "location": _location(row),
     }
     meta = {
         "case_id": case_id,
