@@ -988,6 +988,33 @@ def test_label_columns_given_as_a_string_is_refused_not_split_into_letters(small
             load(small_phantom_folder, label_columns="finding")
 
 
+def test_load_split_chooses_the_split_before_leaving_out_unlabelled_records(shared_data, tmp_path, caplog):
+    """Records without a label were dropped over every split before the split was chosen: a test split not yet
+    annotated was 'no split 'test'; splits present: train', and MedPix dev with plane said 12 skipped (train's 9
+    too) where dev has 3."""
+    from medvl.api import load_split
+
+    with caplog.at_level("INFO", logger="medvl.data.record"):
+        dev = load_split(shared_data / "medpix-2.0", "dev", ["plane"])
+    assert len(dev) == 194 and dev.splits == ["dev"]
+    assert "skipped 3 records with an empty label in plane (of 197 records of split 'dev')" in caplog.text
+
+    images = sorted((shared_data / "isic-dermoscopy" / "images").glob("*.jpg"))[:12]
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("image,grade,split\n" + "".join(
+        f"{image},{('mild', 'severe')[i % 2] if i < 8 else ''},{'train' if i < 8 else 'test'}\n"
+        for i, image in enumerate(images)))
+    assert len(load_split(manifest, None, ["grade"], allow_outside_root=True)) == 8
+    with pytest.raises(InputError, match=r"manifest\.csv: split 'test' has 4 records, none with a value in label "
+                                         r"column 'grade'$"):
+        load_split(manifest, "test", ["grade"], allow_outside_root=True)
+    with pytest.raises(InputError, match="unknown label column 'stage'; available: grade"):
+        load_split(manifest, "test", ["stage"], allow_outside_root=True)  # a bad column still comes first
+    result, output = invoke("train", "--data", manifest, "--allow-outside-root", "--split", "test", "-l", "grade",
+                            "--model", "phantom-tiny", "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 2 and "split 'test' has 4 records, none with a value" in " ".join(output.split())
+
+
 def test_a_report_over_128_kib_is_a_readable_csv_cell(tmp_path):
     """The csv module's default cap on a cell made a valid CSV with a long report 'not a readable CSV file (field
     larger than field limit (131072))'."""

@@ -16,6 +16,7 @@ import numpy as np
 
 from .checks import check_number
 from .data import CaptionConfig, Dataset, captions_for, load_dataset
+from .data.loaders import check_label_columns
 from .data.record import ALL_SPLITS
 from .errors import InputError
 from .eval.contamination import copies_in_fit, scored_records, trained_on_scored
@@ -31,21 +32,39 @@ def load_split(path: PathLike, split: str | None = None, label_columns: Sequence
     dataset has one, every record (``all``) when it has no split column; a dataset whose splits include no
     ``train`` (``Train`` / ``Val`` / ``Test``, say) is an InputError naming ``split_option``: every record would
     include its test split.
+    ``label_columns``: the records of the split with a value in each (``labelled_split``; those without are counted
+    in the log, of that split only); the split is chosen among every record's splits, labelled or not.
     ``model`` (a saved model folder): only the records it can take (``Dataset.for_spatial_dims``: a DICOM
     folder's 2D images for a 2D model, its 3D series for a 3D one; the others left out with a warning)."""
-    dataset = load_dataset(path, label_columns=label_columns or None, allow_outside_root=allow_outside_root)
+    columns = check_label_columns(label_columns)
+    dataset = load_dataset(path, allow_outside_root=allow_outside_root)
+    for column in columns:  # an unknown column fails before the split is looked at
+        dataset.require_label(column)
     if split is None:
         if "train" not in dataset.splits and dataset.splits not in ([], ["all"]):
             raise InputError(f"{dataset.source}: no split 'train' (splits: {', '.join(dataset.splits)}); pass "
                              f"{split_option} NAME (or {split_option} all to use every record, held-out splits "
                              "included)")
         split = "train" if "train" in dataset.splits else "all"
-    selected = dataset.select(split)
+    selected = labelled_split(dataset.select(split), split, columns) if columns else dataset.select(split)
     if model is None or not selected.kinds():  # no kind to choose by: the model is read only when one is needed
         return selected
     from .models.registry import model_spatial_dims
 
     return selected.for_spatial_dims(model_spatial_dims(model))
+
+
+def labelled_split(selected: Dataset, split: str, label_columns: list[str]) -> Dataset:
+    """The records of one split (``selected``) with a value in each of ``label_columns`` (``Dataset.with_labels``);
+    InputError naming the split and the columns when the split has records but none has one (a held-out split not
+    yet annotated), rather than an empty dataset."""
+    labelled = selected.with_labels(label_columns)
+    if len(labelled) == 0 and len(selected) > 0:
+        where = f"split {split!r} has" if split != ALL_SPLITS else "it has"
+        named = (f"label column {label_columns[0]!r}" if len(label_columns) == 1 else
+                 f"each of the label columns {', '.join(map(repr, label_columns))}")
+        raise InputError(f"{selected.source}: {where} {len(selected)} records, none with a value in {named}")
+    return labelled
 
 
 def audit_from_path(data: PathLike, split: str = "all", label: str | None = None, workers: int | None = None,

@@ -244,9 +244,10 @@ class Dataset(Sequence[Record]):
         for label in labels:
             self.require_label(label)
         kept = [r for r in self.records if all(label in r.labels for label in labels)]
-        if len(kept) < len(self.records):
-            log.info("%s: skipped %d records with an empty label in %s",
-                     self.source, len(self.records) - len(kept), ", ".join(labels))
+        if len(kept) < len(self.records):  # of the records given: one split's, when a split was chosen first
+            where = f" of split {self.splits[0]!r}" if len(self.splits) == 1 and self.splits[0] != ALL_SPLITS else ""
+            log.info("%s: skipped %d records with an empty label in %s (of %d records%s)", self.source,
+                     len(self.records) - len(kept), ", ".join(labels), len(self.records), where)
         subset = self.subset(kept, list(labels))
         subset.default_labels = list(labels)
         return subset

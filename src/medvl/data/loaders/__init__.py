@@ -127,6 +127,19 @@ def _shown_values(group: list[str]) -> list[str]:
     return [(repr if len(composed) == len(group) else ascii)(value[:40]) for value in group]
 
 
+def check_label_columns(label_columns: Sequence[str] | None) -> list[str]:
+    """``label_columns`` as a list of names, each once: a string (``list()`` would split it into letters, columns
+    never named) or a name given twice is an InputError."""
+    if isinstance(label_columns, str | bytes):
+        raise InputError(f"label_columns must be a list of column names, got a {type(label_columns).__name__} "
+                         f"({label_columns!r}); pass [{label_columns!r}]")
+    columns = list(label_columns or [])
+    repeated = sorted({column for column in columns if columns.count(column) > 1})
+    if repeated:
+        raise InputError(f"label column(s) {', '.join(repeated)} given more than once: {', '.join(columns)}")
+    return columns
+
+
 def load_dataset(path: str | Path, label_columns: Sequence[str] | None = None, *,
                  allow_outside_root: bool = False, max_npz_bytes: int = MAX_NPZ_BYTES,
                  keep_missing_images: bool = False) -> Dataset:
@@ -141,13 +154,7 @@ def load_dataset(path: str | Path, label_columns: Sequence[str] | None = None, *
     ``keep_missing_images``: a manifest's rows whose image file is missing are kept as records (for an audit,
     which lists them as unreadable) instead of being an error.
     """
-    if isinstance(label_columns, str | bytes):  # list() would split it into letters: columns never named
-        raise InputError(f"label_columns must be a list of column names, got a {type(label_columns).__name__} "
-                         f"({label_columns!r}); pass [{label_columns!r}]")
-    columns = list(label_columns or [])
-    repeated = sorted({column for column in columns if columns.count(column) > 1})
-    if repeated:
-        raise InputError(f"label column(s) {', '.join(repeated)} given more than once: {', '.join(columns)}")
+    check_label_columns(label_columns)
     dataset = _load(Path(path), allow_outside_root, max_npz_bytes, keep_missing_images)
     log.info("%s: %d records, splits %s, label columns %s", dataset.source, len(dataset),
              dataset.splits, dataset.label_names)
