@@ -724,9 +724,10 @@ def test_sentences_in_another_script_are_split_and_are_not_all_one_wording(label
                             labeller)
     assert [(s.text, s.cases, s.wording_from) for s in draft.sentences] == \
         [("Large left pleural effusion.", ["a", "b", "c"], ["a", "b", "c"])]
-    shared = draft_from_hits([case_hit(i, 0.9, text="左肺清晰。 Large left pleural effusion.")
-                              for i in "abc"], labeller)
-    assert shared.text() == "FINDINGS: 左肺清晰。 Large left pleural effusion."  # shared: drafted, whatever the script
+    shared = draft_from_hits([case_hit(i, 0.9, text=t) for i, t in zip("abc", [
+        "左肺清晰。 Large left pleural effusion.", "FINDINGS: 左肺清晰。 Large left pleural effusion.",
+        "左肺清晰。 Large left pleural effusion. IMPRESSION: Large left pleural effusion."], strict=True)], labeller)
+    assert shared.text().startswith("FINDINGS: 左肺清晰。 Large left pleural effusion.")  # shared: drafted, any script
 
 
 def test_a_draft_carries_no_name_after_a_title_with_a_full_stop(labeller):
@@ -771,7 +772,12 @@ def test_a_draft_carries_no_month_or_untitled_name_of_a_minority_of_neighbours(l
     for told in ("Findings discussed with Referring Physician.", "The Referring Physician was notified.",
                  "Report sent to Emergency Department."):
         assert _identifiers(told) == frozenset(), told
-        assert told in draft([f"Right pleural effusion. {told}"] * 3).text(), told
+        # three different reports (a word outside the vocabulary counts by report texts: one text under three
+        # images may be one patient's)
+        worded = [f"Right pleural effusion. {told}", f"{told} Right pleural effusion.",
+                  f"FINDINGS: Right pleural effusion. {told}"]
+        assert told in draft(worded).text(), told
+        assert told not in draft([worded[0]] * 3).text(), told
     common = common_words(labeller.knowledge, ["the lungs are clear, may be atelectasis"])
     assert _identifiers("Seen by Mary O'Brien and Dr McDonald on Monday, since Dec 9 and 5 May.", common) == \
         {"9", "5", "name:mary", "name:o'brien", "name:mcdonald", "date:monday", "date:dec", "date:may"}
@@ -1551,15 +1557,24 @@ def test_one_case_s_images_sharing_a_report_count_once_in_a_draft(model_dir, one
     assert cardiomegaly.support.get("positive", 0.0) < 0.5 or len(set(cardiomegaly.cases) - set(nearest)) >= 2
 
 
-def test_identical_reports_without_a_case_id_count_once(labeller):
-    """Without a case id, images holding the very same report are one case's: one patient's wording."""
+def test_identical_reports_without_a_case_id_vote_apart_but_pass_no_privacy_rule(labeller):
+    """Without a case id, images holding the very same report may be one patient's (its wording must not count as
+    3 neighbours') or several patients' templated report (their votes must count: six normal patients with the
+    one normal template outvoted by four abnormal ones made "cardiomegaly" the consensus when the identical texts
+    counted as one case). They vote apart; a word outside the vocabulary needs 3 *different* report texts."""
     hits = [Hit(id=f"image{i}", score=0.9, split="train", text=RAVENSWOOD) for i in range(3)]
     hits += [case_hit(f"case{i}", 0.8, "FINDINGS: Lungs clear. No pleural effusion. IMPRESSION: Normal.")
              for i in range(2)]
     draft = draft_from_hits(hits, labeller)
-    assert [n.id for n in draft.neighbours] == ["image0", "case0", "case1"]
-    assert draft.settings["same_case_as"] == {"image1": "image0", "image2": "image0"}
-    assert "ravenswood" not in draft.text().lower() and draft.consensus.get("cardiomegaly") != "positive"
+    assert [n.id for n in draft.neighbours] == ["image0", "image1", "image2", "case0", "case1"]
+    assert draft.settings["same_case_as"] == {}
+    assert "ravenswood" not in draft.text().lower()  # one text: the word of one report at most
+    normal = "FINDINGS: No acute cardiopulmonary abnormality. IMPRESSION: Normal chest."
+    template = [Hit(id=f"normal{i}", score=0.9, split="train", text=normal) for i in range(6)]
+    enlarged = [case_hit(f"big{i}", 0.9, f"FINDINGS: The heart is enlarged, grade {i}. IMPRESSION: Cardiomegaly.")
+                for i in range(4)]
+    voted = draft_from_hits(template + enlarged, labeller)
+    assert voted.consensus.get("cardiomegaly") != "positive" and len(voted.neighbours) == 10
     worded = [RAVENSWOOD, RAVENSWOOD.replace("enlarged", "enlarged again"), RAVENSWOOD + " Image 3."]
     same_case = [Hit(id=f"image{i}", score=0.9, split="train", meta={"case_id": "C-0001"}, text=text)
                  for i, text in enumerate(worded)]  # one case's images, its report worded per image

@@ -1891,3 +1891,43 @@ def test_a_pgvector_swap_landing_during_a_search_is_followed_or_refused(pg_url, 
     assert isinstance(filtered.get("error"), InputError) and "age" in str(filtered["error"]), filtered
     plain = swap_during(lambda index: search_index(index, model, image=image, k=5), model, model_dir, without_age)
     assert len(plain.get("hits", [])) == 5, plain
+
+
+def _cases_past_the_filter_columns(dataset: Dataset) -> Dataset:
+    """Six phantom records, two to a case, whose case_id comes after 205 other metadata keys: past the index's
+    MAX_FILTER_COLUMNS (200), so it is kept in the metadata JSON only, never a filter column."""
+    extra = {f"x{i:03d}": "v" for i in range(205)}
+    records = [dataclasses.replace(record, meta={**extra, "case_id": f"C{i // 2}"})
+               for i, record in enumerate(list(dataset)[:6])]
+    return dataset.subset(records)
+
+
+def _check_case_ids(index) -> None:
+    from medvl.index.search import case_images
+
+    assert "case_id" not in index.columns and "m_case_id" not in index.columns
+    assert len(index) == 6
+    found = case_images(index, ["C0", "C2", "missing"])
+    assert set(found) == {"C0", "C2"} and all(len(images) == 2 for images in found.values())
+    assert index.case_ids(set()) == {}
+
+
+def test_a_case_key_past_the_filter_columns_still_finds_the_case_s_images(model, model_dir, dataset, tmp_path):
+    """eval case-retrieval found a query's other images of its case through a filter on the case column: an index
+    whose case_id is no filter column (more than 200 metadata keys) left every sibling in, silently, while report
+    draft (reading each hit's metadata) left them out. The case's images are read from every image's metadata."""
+    out = tmp_path / "idx"
+    build_index(model, _cases_past_the_filter_columns(dataset), out, model_dir=model_dir, batch_size=6,
+                show_progress=False)
+    with open_index(out) as index:
+        _check_case_ids(index)
+
+
+@pytest.mark.pgvector
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
+def test_a_case_key_past_the_filter_columns_is_found_on_pgvector(pg_url, model, model_dir, dataset):
+    url = pg_url.partition("#")[0] + "#case_key_past_the_columns"
+    build_index(model, _cases_past_the_filter_columns(dataset), url, model_dir=model_dir, batch_size=6,
+                show_progress=False)
+    with open_index(url) as index:
+        _check_case_ids(index)

@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Self
@@ -141,6 +141,12 @@ class Index(Protocol):
 
     def case_labels(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """Id -> labels of the indexed cases among ``ids``."""
+        ...
+
+    def case_ids(self, keys: Collection[str]) -> dict[str, list[str]]:
+        """Case (``cases.case_key`` of an indexed image's metadata: its ``case_id`` or ``patient_id``) -> the sorted
+        ids of its indexed images, for the ``keys`` the index holds. Reads every row's metadata (one pass): a case
+        key need not be a filter column (an index keeps at most ``MAX_FILTER_COLUMNS`` of them)."""
         ...
 
     def save(self) -> None: ...

@@ -56,7 +56,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -88,6 +88,7 @@ from .cases import (
     FIXED_COLUMNS,
     NUMBER,
     Case,
+    case_key,
     check_unique_ids,
     column_values,
     infer_columns,
@@ -789,6 +790,16 @@ class FaissIndex(IndexBase):
     def case_labels(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         return {row[0]: _cell_object(self.path / CASES_DB, row[1], "labels")
                 for row in _select_in(self.conn, "id, labels", "id", ids)}
+
+    @_reads_cases
+    def case_ids(self, keys: Collection[str]) -> dict[str, list[str]]:
+        wanted, found = set(keys), dict[str, list[str]]()
+        if wanted:
+            for image_id, meta in self.conn.execute("SELECT id, meta FROM cases"):
+                key = case_key(_cell_object(self.path / CASES_DB, meta, "meta"))
+                if key in wanted:
+                    found.setdefault(key, []).append(image_id)
+        return {key: sorted(ids) for key, ids in found.items()}
 
     # -- changes ---------------------------------------------------------------------------------
     def _edit(self) -> sqlite3.Connection:

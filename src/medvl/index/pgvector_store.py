@@ -27,7 +27,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import numpy as np
@@ -50,7 +50,16 @@ from .base import (
     note_vector_counts,
     redact,
 )
-from .cases import NUMBER, Case, check_unique_ids, column_values, infer_columns, public_image_path, quote_column
+from .cases import (
+    NUMBER,
+    Case,
+    case_key,
+    check_unique_ids,
+    column_values,
+    infer_columns,
+    public_image_path,
+    quote_column,
+)
 from .urls import PgUrl, parse_pg_url
 from .where import compile_where, given_filter
 
@@ -445,6 +454,15 @@ class PgVectorIndex(IndexBase):
     def case_labels(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         rows = self.conn.execute(self._q("SELECT id, labels FROM {t} WHERE id = ANY(%s)"), (list(ids),))
         return {row[0]: row[1] for row in rows}
+
+    def case_ids(self, keys: Collection[str]) -> dict[str, list[str]]:
+        wanted, found = set(keys), dict[str, list[str]]()
+        if wanted:
+            for image_id, meta in self.conn.execute(self._q("SELECT id, meta FROM {t}")):
+                key = case_key(meta or {})
+                if key in wanted:
+                    found.setdefault(key, []).append(image_id)
+        return {key: sorted(ids) for key, ids in found.items()}
 
     def _writable(self) -> None:
         if not self.writable:

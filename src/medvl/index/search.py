@@ -25,8 +25,7 @@ from ..embed import check_text_read_whole
 from ..errors import DataError, InputError
 from .base import IMAGES, MAX_K, Hit, Index, check_k, check_model, check_target
 from .build import nifti_sha256
-from .cases import CASE_KEYS, NUMBER, NUMBER_SYNTAX, case_key, pixel_sha256s, public_image_path
-from .where import MAX_LENGTH as WHERE_LENGTH
+from .cases import case_key, pixel_sha256s, public_image_path
 
 
 def index_model(index: Index, model_dir: str | Path | None = None, backend: str = "torch",
@@ -113,19 +112,17 @@ SEARCH_MARGIN = 32  # images searched beyond k at first, so that k cases usually
 
 def hit_case(hit: Hit) -> str:
     """The case an indexed image belongs to, for counting a query's neighbours by case: its metadata's case or patient
-    (``cases.case_key``: MedPix's ``case_id``) when it has one; else its report (images sharing one report text are
-    one case's, one patient's wording); else the image itself."""
+    (``cases.case_key``: MedPix's ``case_id``) when it has one, else the image itself. Not its report text: templated
+    reports ("No acute cardiopulmonary abnormality.") are shared by many patients (925 of IU X-ray's 3,927 reports
+    repeat another's), and counting them once outvoted six normal patients with four abnormal ones. The drafts'
+    privacy rules count identical report texts once instead (``rag.draft.report_key``)."""
     return case_of(hit.id, hit.meta, hit.text)
 
 
-def case_of(image_id: str, meta: dict[str, Any], report: str | None) -> str:
-    """``hit_case`` of an indexed image given by its id, metadata and report."""
+def case_of(image_id: str, meta: dict[str, Any], report: str | None = None) -> str:
+    """``hit_case`` of an indexed image given by its id and metadata (``report`` is not used: see ``hit_case``)."""
     key = case_key(meta)
-    if key is not None:
-        return f"case:{key}"
-    if report and report.strip():
-        return "report:" + " ".join(report.split())
-    return f"id:{image_id}"
+    return f"case:{key}" if key is not None else f"id:{image_id}"
 
 
 def own_cases(index: Index, ids: Sequence[str]) -> set[str]:
@@ -139,7 +136,7 @@ def search_other_cases(index: Index, vector: np.ndarray, k: int, digests: Sequen
     """The images of the ``k`` nearest cases (``hit_case``) to one query image, nearest first, up to the nearest image
     of the k-th case (a case's other images nearer than that are among them), less the query's indexed copies, the
     ids ``exclude`` names (``search_without_copies``) and every other image of a copy's case (``own_cases``: its case
-    id, or without one, its report); with the ids of the copies and of the other images of their case left out.
+    id); with the ids of the copies and of the other images of their case left out.
     Searched deeper until k cases are found or every case ``where`` allows was: a case's many images (MedPix's up to
     15) would otherwise take the places of other cases."""
     check_k(k)
@@ -169,21 +166,9 @@ def first_cases(hits: list[Hit], k: int) -> list[Hit]:
 
 
 def case_images(index: Index, cases: Iterable[str]) -> dict[str, list[str]]:
-    """Case (``cases.case_key``) -> the ids of every indexed image of it, for the ``cases`` the index holds: found by
-    a filter on each case column the index has (``CASE_KEYS``), each image's own case then checked."""
-    found: dict[str, list[str]] = {}
-    vector = np.zeros((1, index.dim), np.float32)  # the filter selects; the vector does not matter
-    for key in sorted(set(cases)):
-        for column in (c for c in CASE_KEYS if c in index.columns):
-            numeric = index.columns[column] == NUMBER
-            if numeric and not NUMBER_SYNTAX.fullmatch(key):
-                continue
-            literal = key if numeric else "'" + key.replace("'", "''") + "'"
-            if len(literal) > WHERE_LENGTH - len(f"{column} = "):  # no filter holds it: no such case
-                continue
-            hits = index.search(vector, k=min(len(index), MAX_K), where=f"{column} = {literal}")[0]
-            found.setdefault(key, []).extend(hit.id for hit in hits if case_key(hit.meta) == key)
-    return {key: sorted(set(ids)) for key, ids in found.items() if ids}
+    """Case (``cases.case_key``) -> the ids of every indexed image of it, for the ``cases`` the index holds
+    (``Index.case_ids``: from every image's metadata, whether or not its case column is a filter column)."""
+    return index.case_ids(set(cases))
 
 
 def shown_columns(index: Index, names: list[str]) -> list[str]:

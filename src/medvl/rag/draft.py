@@ -5,9 +5,11 @@
 ``medvl.index.search.search_other_cases``) and calls ``draft_from_hits``.
 
 A neighbour is a case, not an image (``one_per_case``): images sharing a case id (MedPix's ``case_id``, a
-``patient_id``) or, without one, the same report text count once, as their case's nearest image with a report. Several
-images of one case share one report: counted per image, one patient's report would be a "majority" and its wording
-"used by 3 neighbours".
+``patient_id``) count once, as their case's nearest image with a report. Several images of one case share one report:
+counted per image, one patient's report would be a "majority". Images without a case id count one each in the vote
+(identical templated reports are different patients' more often than not), but the privacy rules below count
+identical report texts once (``report_key``): a word, number or name is "used by 3 neighbours" only when 3 different
+report texts use it, so one report stored under three images without a case id never passes them.
 
 1. Weights: a neighbour weighs its cosine similarity to the query (negative ones count 0; all
    equal if none is positive). "Support" below is a weighted share of the neighbours with a report.
@@ -402,6 +404,12 @@ def _has_report(hit: Hit) -> bool:
     return bool(hit.text and hit.text.strip())
 
 
+def report_key(text: str | None) -> str:
+    """A report's text as the privacy rules tell reports apart (``rare_words``, ``_shared_identifiers``): case and
+    runs of white space do not make another report."""
+    return " ".join((text or "").lower().split())
+
+
 def _below(value: float, threshold: float) -> str:
     """``value`` (< ``threshold``) with 3 decimals, or as many more as it takes to show it below the threshold
     (0.9995 < 0.9999, not "1.000 < 1.000")."""
@@ -573,7 +581,8 @@ def _drafted(group: _Group, hits: Sequence[Hit], weights: np.ndarray, voters: li
         if _voted_findings(group):
             return _DETAIL_LEFT
         wordings = every
-    wordings = _shared_identifiers(wordings, group, weights, min_support, common, rare)
+    wordings = _shared_identifiers(wordings, group, weights, min_support, common, rare,
+                                   sources=[report_key(hit.text) for hit in hits])
     if not wordings:
         return _IDENTIFIER_LEFT
     closeness = [sum(weights[i] * max(jaccard(w, t) for t in texts) for i, texts in by_case.items())
@@ -702,10 +711,12 @@ def _names(run: list[str]) -> set[str]:
 
 
 def _shared_identifiers(wordings: list[str], group: _Group, weights: np.ndarray, min_support: float,
-                        common: frozenset = frozenset(), rare: frozenset = frozenset()) -> list[str]:
+                        common: frozenset = frozenset(), rare: frozenset = frozenset(),
+                        sources: Sequence[str] | None = None) -> list[str]:
     """The wordings naming no date-like token or long number (``_dated``), no ``rare`` word (``rare_words``: used
-    by fewer than ``MIN_CASES`` neighbours), and no identifier (``_identifiers``: a number, a name) that fewer than
-    ``MIN_CASES`` of the group's neighbours, or neighbours holding no more than ``min_support`` of the weight, name:
+    by fewer than ``MIN_CASES`` different reports), and no identifier (``_identifiers``: a number, a name) that
+    fewer than ``MIN_CASES`` of the group's neighbours with different reports (``sources``: each neighbour's
+    ``report_key``; without them, neighbours), or neighbours holding no more than ``min_support`` of the weight, name:
     a draft does not carry one neighbour's dates or names (another patient's), cited to every neighbour of the
     group, whatever k and the weights. A name is never shared, however many neighbours name it: a sentence naming a
     person (who was told, who read it) in other patients' reports is no finding of this one."""
@@ -713,8 +724,11 @@ def _shared_identifiers(wordings: list[str], group: _Group, weights: np.ndarray,
     for i, text in group.members:
         for identifier in _identifiers(text, common):
             naming.setdefault(identifier, set()).add(i)
+    def reports(cases: set[int]) -> int:  # one report under several images without a case id counts once
+        return len(cases) if sources is None else len({sources[i] for i in cases})
+
     shared = {identifier for identifier, cases in naming.items() if not identifier.startswith("name:")
-              and len(cases) >= MIN_CASES and sum(float(weights[i]) for i in cases) > min_support}
+              and reports(cases) >= MIN_CASES and sum(float(weights[i]) for i in cases) > min_support}
     return [w for w in wordings if not _dated(w, common) and _identifiers(w, common) <= shared
             and not rare.intersection(_LETTERS.findall(w.lower()))]
 
@@ -762,11 +776,13 @@ def report_words() -> frozenset:
 
 
 def rare_words(knowledge: KnowledgeBase, reports: Sequence[str | None]) -> frozenset:
-    """The words (lower case, any script) outside ``vocabulary`` that fewer than ``MIN_CASES`` of the ``reports``
-    use: a name ("Nakamura", whatever its case or title), or a word only one or two cases use, might be theirs
-    alone and is never drafted."""
+    """The words (lower case, any script) outside ``vocabulary`` that fewer than ``MIN_CASES`` of the different
+    ``reports`` use (identical texts count once, ``report_key``: one report stored under several images): a name
+    ("Nakamura", whatever its case or title), or a word only one or two cases use, might be theirs alone and is
+    never drafted."""
     known = vocabulary(knowledge)
-    used = Counter(w for text in reports for w in set(_LETTERS.findall((text or "").lower())) if w not in known)
+    distinct = {report_key(text) for text in reports}
+    used = Counter(w for text in distinct for w in set(_LETTERS.findall(text)) if w not in known)
     return frozenset(w for w, cases in used.items() if cases < MIN_CASES)
 
 
