@@ -167,7 +167,12 @@ def bench_medmnist(
         worst = result["shifted"]["worst"]
         shown[f"shifted (severities {shifts}): mean auc / worst"] = (
             f"{result['shifted']['mean_auc']:.3f} / {worst['auc']:.3f} ({worst['kind']} {worst['severity']})")
+    copies = result.get("copies_in_fit")
+    if copies:  # as bench cv's row of held-out copies
+        shown["scored images copied from training"] = f"{copies['records']} of {copies['of']}"
     print_metrics(f"MedMNIST {test_data.name}:{test_split}", {**shown, "seconds": result["seconds"]})
+    for flag in result["flags"]:
+        console.print(f"[yellow]flag[/yellow] {escape(flag)}", markup=True)
     emit_json(result, json_out, overwrite)
 
 
