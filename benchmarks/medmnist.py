@@ -86,11 +86,7 @@ def main() -> None:
     if args.json:
         write_json(args.json, result)
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(f"\nPneumoniaMNIST ({args.test_split} split for medvl; references on test)")
-    print(f"{'method':<34}{'AUC':>8}{'ACC':>8}")
-    print(f"{'medvl ' + result['model']:<34}{result['auc']:>8.3f}{result['acc']:>8.3f}")
-    for name, auc, acc in REFERENCES:
-        print(f"{name + ' [ref]':<34}{auc:>8.3f}{acc:>8.3f}")
+    print(headline_table(result, args.test_split))
     print(f"\nwall time {result['seconds']:.0f} s, peak RSS {peak_mb:.0f} MB, ensemble of {result['ensemble']}, "
           f"{result['test_time_views']} test-time views, threshold {result['threshold']:.3f} "
           f"({result['operating_point']}) from {result['threshold_from']}")
@@ -99,6 +95,18 @@ def main() -> None:
         print(member_table(result))
     if result["shifted"]:
         print(shift_table(result["shifted"]))
+
+
+def headline_table(result: dict, split: str) -> str:
+    """medvl's AUC / ACC beside the references, with the scored images copied from training images (and the
+    ``leak`` flag) when there are any: on them the figures are training figures."""
+    lines = [f"\nPneumoniaMNIST ({split} split for medvl; references on test)", f"{'method':<34}{'AUC':>8}{'ACC':>8}",
+             f"{'medvl ' + result['model']:<34}{result['auc']:>8.3f}{result['acc']:>8.3f}"]
+    lines += [f"{name + ' [ref]':<34}{auc:>8.3f}{acc:>8.3f}" for name, auc, acc in REFERENCES]
+    copies = result.get("copies_in_fit")
+    if copies:
+        lines.append(f"scored images copied from training: {copies['records']} of {copies['of']}")
+    return "\n".join(lines + [f"flag {flag}" for flag in result.get("flags", [])])
 
 
 def shift_table(shifted: dict) -> str:

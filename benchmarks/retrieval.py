@@ -43,6 +43,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from medvl.errors import DataError  # noqa: E402
 from medvl.index import faiss_store  # noqa: E402
 from medvl.index.ann import choose_kind  # noqa: E402
 from medvl.index.base import INFO_FORMAT  # noqa: E402
@@ -408,6 +409,18 @@ def print_folder(folder: dict) -> None:
                   f"{graph['recall_at_10']:>7.3f}  {graph['paths']}")
 
 
+def load_vectors(path: Path, queries: int) -> np.ndarray:
+    """--vectors as float32: an (N, D) array of more than ``queries`` rows, else a DataError naming the file."""
+    try:
+        data = np.load(path)
+    except (OSError, ValueError) as error:  # missing, unreadable, or not a .npy array (a pickle is refused)
+        raise DataError(path, f"--vectors is not a readable .npy file ({type(error).__name__})") from None
+    if data.ndim != 2 or len(data) <= queries:
+        raise DataError(path, f"--vectors holds an array of shape {data.shape}; an (N, D) array of more than "
+                              f"--queries {queries} rows is needed")
+    return data.astype(np.float32)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1_000_000, help="indexed synthetic vectors")
@@ -426,7 +439,7 @@ def main() -> None:
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
     if args.vectors is not None:
-        data = np.load(args.vectors).astype(np.float32)
+        data = load_vectors(args.vectors, args.queries)
         data /= np.linalg.norm(data, axis=1, keepdims=True)
         data = data[rng.permutation(len(data))]
         vectors, queries = np.ascontiguousarray(data[:-args.queries]), np.ascontiguousarray(data[-args.queries:])
@@ -452,4 +465,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from medvl.errors import run_script
+
+    run_script(main)  # a medvl error (a missing data path or model) is one line, not a traceback

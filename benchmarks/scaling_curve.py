@@ -107,11 +107,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.one is not None:
         print(json.dumps(run_one(args.one, args)))
         return []
+    sizes = [part.strip() for part in args.sizes.split(",")]
+    if not all(size.isdigit() and int(size) > 0 for size in sizes):
+        parser.error(f"--sizes takes film counts separated by commas, e.g. 1000,10000; got {args.sizes!r}")
     rows = []
-    for n in (int(size) for size in args.sizes.split(",")):
+    for n in map(int, sizes):
         child = [sys.executable, __file__, "--one", str(n), "--model", args.model, "--image-size",
                  str(args.image_size), "--film-size", str(args.film_size), "--workers", args.workers]
-        rows.append(json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout))
+        done = subprocess.run(child, capture_output=True, text=True)
+        if done.returncode:  # the child said why on stderr (one line for bad input)
+            sys.stderr.write(done.stderr)
+            raise SystemExit(done.returncode)
+        rows.append(json.loads(done.stdout))
         _print_row(rows[-1], rows[0])
     result = {"rows": rows, "model": args.model, "image_size": args.image_size, "film_size": args.film_size,
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
@@ -129,4 +136,6 @@ def _print_row(row: dict, first: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from medvl.errors import run_script
+
+    run_script(main)  # a medvl error (a missing data path or model) is one line, not a traceback

@@ -408,4 +408,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from medvl.errors import run_script
+
+    run_script(main)  # a medvl error (a missing data path or model) is one line, not a traceback

@@ -161,4 +161,6 @@ def summarise(rows: list[dict], cores: int, load_before: tuple[float, ...], load
 
 
 if __name__ == "__main__":
-    main()
+    from medvl.errors import run_script
+
+    run_script(main)  # a medvl error (a missing data path or model) is one line, not a traceback

@@ -48,7 +48,9 @@ PHANTOM = ["--image-model", "phantom-tiny", "--image-size", "64", "--set", "imag
 def run(command: list[str]) -> float:
     print("$", " ".join(command), flush=True)
     start = time.time()
-    subprocess.run(command, check=True)
+    done = subprocess.run(command)
+    if done.returncode:  # medvl said why on stderr (one line for bad input)
+        raise SystemExit(done.returncode)
     return time.time() - start
 
 

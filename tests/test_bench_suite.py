@@ -457,6 +457,7 @@ def test_a_damaged_state_file_is_refused_in_one_line_and_a_damaged_cell_file_is_
 @pytest.mark.parametrize("damage", [
     {"rows": None}, {"rows": {"a": 1}}, {"rows": [{"metric": None}]}, {"rows": [{"metric": "auc", "value": "high"}]},
     {"flags": None}, {"flags": [None]}, {"skipped": 1.5}, {"skipped": {"sanity": [{}]}}, {"plots": "x"},
+    {"skipped_metrics": None}, {"skipped_metrics": {"16-shot": 3}},
     {"model": ["x"]}, {"dataset": None},
     # docs probe: rows without their model (KeyError in every rerun), or naming another model and task
     {"each_row": {"model": None}}, {"each_row": {"model": "other-model", "key": "other-task"}},
@@ -806,15 +807,28 @@ def test_a_changed_caption_file_is_scored_again_and_its_path_is_the_suite_files(
     assert aucs[0] == aucs[1] != aucs[2]
 
 
-def test_few_shot_sizes_a_class_cannot_fill_are_named_as_skipped(two_models, phantom_dir, tmp_path):
+def test_few_shot_sizes_a_class_cannot_fill_are_named_as_skipped_metrics_not_checks(two_models, phantom_dir,
+                                                                                     tmp_path):
+    """A shot count a class cannot fill is a figure of the task not scored: it was counted as a skipped check, and the
+    report's flag section said that checks "did not pass" in a suite that asked for none."""
     suite = write_suite(tmp_path, phantom_dir, tasks=[{"task": "few-shot", "dataset": "phantom", "shots": [1, 500],
                                                        "repeats": 2}], checks=[])
     result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
     assert result.exit_code == 0, output
     cell = json.loads(next((tmp_path / "out" / "cells").glob("*.json")).read_text())
-    assert "500-shot" in cell["skipped"] and "fewer than 500" in cell["skipped"]["500-shot"]
+    assert cell["skipped"] == {} and "fewer than 500 training images" in cell["skipped_metrics"]["500-shot"]
     assert {row["metric"] for row in cell["rows"]} == {"1-shot auc", "1-shot accuracy"}
-    assert "500-shot: class" in (tmp_path / "out" / "report.html").read_text()
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["skipped"] == [] and [(s["model"], s["key"], s["metric"]) for s in results["skipped_metrics"]] == [
+        ("alpha", "few-shot@phantom", "500-shot")]
+    reason = results["skipped_metrics"][0]["reason"]  # every class short of 500 named, with its count
+    assert reason.startswith(f"{len(load_dataset(phantom_dir).select('train').classes('finding'))} classes '")
+    flat = " ".join(output.split())
+    assert "skipped checks │ 0" in flat and "skipped metrics │ 1" in flat, output
+    assert f"skipped metric alpha / few-shot@phantom / 500-shot: {reason}" in flat, output
+    report = (tmp_path / "out" / "report.html").read_text().replace("&#x27;", "'")
+    assert "No check flagged any model." in report and "did not pass" not in report
+    assert f"Not scored: alpha: 500-shot: {reason}" in report
 
 
 

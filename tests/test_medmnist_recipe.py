@@ -217,6 +217,43 @@ def test_the_threshold_is_never_chosen_on_a_copy_of_the_scored_split(tiny_npz, t
         benchmark_data(one, other, "test", seed=0)
 
 
+def test_scored_copies_of_training_images_are_said_in_the_summary_and_refused_when_most(tiny_npz, tmp_path):
+    """A copy of the train file given as --test-data scored its training images as a test (exit 0; only a log line
+    and a JSON key said so): refused when most of the scored split copies training images, as the same file is;
+    fewer are a row of the table, a flag line, and in benchmarks/medmnist.py's table."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    copy = tmp_path / "copy.npz"
+    shutil.copy(tiny_npz, copy)
+    result, output = invoke("bench", "medmnist", "--train-data", tiny_npz, "--test-data", copy, "--test-split",
+                            "train", "--epochs", 1, "--out", tmp_path / "refused", "-q")
+    assert result.exit_code == 2, output
+    assert (f"--test-data {copy} --test-split train: 240 of 240 scored images are byte-for-byte copies of images in "
+            f"the training split ({tiny_npz.name}:train)") in " ".join(output.split()), output
+    assert not (tmp_path / "refused").exists()
+    source = np.load(tiny_npz)  # 80 other images and 10 training images: 10 of 90 copied
+    some = tmp_path / "some.npz"
+    np.savez(some, test_images=np.concatenate([255 - source["val_images"], source["train_images"][:10]]),
+             test_labels=np.concatenate([source["val_labels"], source["train_labels"][:10]]))
+    result, output = invoke("bench", "medmnist", "--train-data", tiny_npz, "--test-data", some, "--epochs", 1,
+                            "--ensemble", 1, "--no-tta", "--train-set", "max_steps=1", "--json", tmp_path / "b.json")
+    assert result.exit_code == 0, output
+    said = " ".join(output.split())
+    assert "│ scored images copied from training │ 10 of 90 │" in said, output
+    assert (f"flag leak: 10 of 90 scored images are byte-for-byte copies of images in the training split "
+            f"({tiny_npz.name}:train)") in said, output
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert saved["copies_in_fit"]["records"] == 10 and len(saved["flags"]) == 1
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "medmnist.py"
+    spec = importlib.util.spec_from_file_location("benchmark_medmnist", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    table = module.headline_table(saved, "test")
+    assert "scored images copied from training: 10 of 90" in table and f"flag {saved['flags'][0]}" in table
+
+
 def test_scored_classes_and_image_shapes_are_checked_before_training_and_out_is_left_alone(tiny_npz, tmp_path):
     """A class the training data lacks, or images the model cannot read (3D arrays for a 2D model), in the scored
     split are refused before any member trains, naming the file (and the record), and --out is not created."""

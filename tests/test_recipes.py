@@ -304,6 +304,33 @@ def test_benchmark_scripts_answer_bad_input_in_one_line(tmp_path):
     assert not (tmp_path / "m").exists() and not (tmp_path / "h").exists()
 
 
+MISSING = "/nonexistent-medvl-data"
+
+
+@pytest.mark.parametrize("script, args, said", [
+    ("labeller_iu", ["--data", MISSING], f"error: {MISSING}: dataset path not found"),
+    ("ood", ["--model", MISSING, "--data", MISSING], f"error: {MISSING}: "),
+    ("data_loading", ["--data", MISSING], f"error: {MISSING}: dataset path not found"),
+    ("heatmap_sanity", ["--model", MISSING, "--data", MISSING], f"error: {MISSING}: "),
+    ("retrieval", ["--vectors", f"{MISSING}.npy", "--no-folder"], f"error: {MISSING}.npy: --vectors is not a readable"),
+    ("vqa", ["--only", "rad", "--medpix", MISSING, "--data", MISSING], f"error: {MISSING}: dataset path not found"),
+    ("scaling_curve", ["--sizes", "10,abc"], "--sizes takes film counts separated by commas"),
+])
+def test_benchmark_scripts_answer_a_missing_path_in_one_line(script, args, said, tmp_path):
+    """They ended in a Python traceback (exit 1) on a missing data path or model, vqa.py in a CalledProcessError after
+    the child's one-line error, scaling_curve.py in a ValueError on --sizes; now one line and exit 2, as medpix.py."""
+    import subprocess
+    import sys
+
+    extra = ["--out", str(tmp_path / "out")] if script == "vqa" else []
+    done = subprocess.run([sys.executable, str(BENCHMARKS / f"{script}.py"), *args, *extra], capture_output=True,
+                          text=True, timeout=300)
+    # one line of error (argparse's usage lines before it for a malformed option, as for medpix.py's)
+    errors = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith(("usage:", " "))]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert len(errors) == 1 and said in errors[0], done.stderr
+
+
 @pytest.mark.parametrize("options, message", [
     (["--text-encoder", "all-minilm-l6-v2"], "--text-encoder (text.kind, text.path) applies to registered names, not "
                                              "to a saved model: it keeps its own text tower"),

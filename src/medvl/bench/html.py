@@ -51,10 +51,11 @@ def write_suite_report(path: Path, suite, results: dict[str, Any], cells: Sequen
                                  f"data-plot='{html.escape(plot_id)}' alt='{html.escape(plot_id)}' "
                                  f"src='{figure_to_data_uri(figure)}'>")
                     plots.append(plot_id)
-        skipped = [f"{cell['model']}: {check}: {reason}"
-                   for cell in task_cells for check, reason in cell["skipped"].items()]
-        if skipped:
-            parts.append("<p class='note'>Skipped: " + "; ".join(html.escape(s) for s in skipped) + "</p>")
+        for title, name in (("Skipped", "skipped"), ("Not scored", "skipped_metrics")):  # checks, then task figures
+            skipped = [f"{cell['model']}: {what}: {reason}"
+                       for cell in task_cells for what, reason in cell[name].items()]
+            if skipped:
+                parts.append(f"<p class='note'>{title}: " + "; ".join(html.escape(s) for s in skipped) + "</p>")
         sections.append((heading, "\n".join(parts)))
     write_html(path, f"medvl bench: {suite.name}", sections)
     return plots
@@ -89,8 +90,9 @@ def _flags(flags: list[str], skipped: list[dict[str, str]]) -> str:
 
 
 def skip_line(skip: dict[str, str]) -> str:
-    """One ``runner.skipped_checks`` entry as a line of text (the report and the CLI summary)."""
-    return f"{skip['model']} / {skip['key']} / {skip['check']}: {skip['reason']}"
+    """One ``runner.skipped_checks`` (or ``runner.skipped_metrics``) entry as a line of text (the report and the CLI
+    summary)."""
+    return f"{skip['model']} / {skip['key']} / {skip.get('check', skip.get('metric'))}: {skip['reason']}"
 
 
 def _metric_table(cells: list[dict[str, Any]], models: list[str]) -> str:

@@ -91,7 +91,8 @@ def run_medmnist(train_path: str | Path, test_path: str | Path, test_split: str 
     field, ``--train-set``) replace the recipe's. ``shifts`` (corruption
     severities, e.g. [1, 2, 3]) adds ``shifted``: the scored split again under every corruption of
     ``medvl.eval.robustness`` at those severities (``shifted_scores``), a robustness check for a test split
-    drawn apart from the training data.
+    drawn apart from the training data. ``copies_in_fit`` counts the scored images that are byte-for-byte copies of
+    training images (``benchmark_data``: refused when they are most of them) and ``flags`` says so (``copies_flag``).
     """
     started = time.perf_counter()
     settings = medmnist_settings(model_name, epochs, seed, ensemble=ensemble, operating_point=operating_point,
@@ -130,6 +131,7 @@ def run_medmnist(train_path: str | Path, test_path: str | Path, test_split: str 
     return {**scores, "members": members,
             "train": f"{train_path}:train", "n_fit": len(data.fit), "test": f"{test_path}:{test_split}",
             "n_test": len(data.test), **({"copies_in_fit": data.copies_in_fit} if data.copies_in_fit else {}),
+            "flags": copies_flag(data.copies_in_fit),
             "model": model_name, "epochs": settings.train.epochs, "seed": seed,
             "ensemble": settings.ensemble, "test_time_views": len(settings.test_time_views),
             "settings": settings.to_dict(),
@@ -152,7 +154,9 @@ class BenchmarkData:
 def benchmark_data(train_path: str | Path, test_path: str | Path, test_split: str, seed: int) -> BenchmarkData:
     """The train file's ``train`` split to fit on; the threshold data is its ``val`` split unless that is
     the scored split (the same file, or most of the scored images copied in it), else a seeded 10 % of
-    ``train`` held out from training."""
+    ``train`` held out from training. Scored images that are byte-for-byte copies of training images (a copy of the
+    train file under another name, one image filed in two splits) are counted (``copies_in_fit``), and refused
+    (InputError) when they are most of the scored split, as the train file's own train split is."""
     same_data = Path(train_path).resolve() == Path(test_path).resolve()
     if same_data and test_split in ("train", ALL_SPLITS):  # the models would be scored on their training images
         raise InputError(f"--test-data {test_path} --test-split {test_split} holds the training images "
@@ -173,7 +177,20 @@ def benchmark_data(train_path: str | Path, test_path: str | Path, test_split: st
         raise InputError(f"the threshold data ({calibration}) holds only class(es) {held} of {classes}: a binary "
                          "task's threshold is chosen on both; give a train file whose val split holds both")
     copies = copies_in_fit(fit_set, test_set, f"the training split ({Path(train_path).name}:train)")
+    if copies and 2 * copies["records"] > copies["of"]:  # as the same file's train split, under another name
+        raise InputError(f"--test-data {test_path} --test-split {test_split}: {copies['records']} of "
+                         f"{copies['of']} scored images are byte-for-byte copies of images in {copies['fit']} (a copy "
+                         "of the training data?): the figures would be training figures; score other images")
     return BenchmarkData(fit_set, calib_set, calibration, test_set, classes, copies)
+
+
+def copies_flag(copies: dict[str, Any] | None) -> list[str]:
+    """The run's flags (``flags`` of its result, as ``bench run``'s ``leak`` flags): scored images that are
+    byte-for-byte copies of training images (``copies_in_fit``; refused when they are most of the split)."""
+    if not copies:
+        return []
+    return [f"leak: {copies['records']} of {copies['of']} scored images are byte-for-byte copies of images in "
+            f"{copies['fit']}: on them the figures measure what was trained on, not generalisation"]
 
 
 def check_out_folder(out: str | Path | None, overwrite: bool = False) -> None:

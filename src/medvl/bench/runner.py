@@ -7,8 +7,10 @@ Layout of the output folder::
     data/NAME/        datasets the suite generates (the phantom), reused by later runs with the same settings
     data/NAME.generate.json  the generate settings data/NAME was made with (other settings: generated again)
     cells/*.json      one finished cell each (written atomically): its rows, plots, flags and fingerprint
-    results.json      every row of every cell (one row per model x task x dataset x metric), the flags, and
-                      ``skipped``: every check (or part of one) a cell did not run, with the reason
+    results.json      every row of every cell (one row per model x task x dataset x metric), the flags,
+                      ``skipped``: every check (or part of one) a cell did not run, with the reason, and
+                      ``skipped_metrics``: every figure a task asked for but could not score (a few-shot count a
+                      class cannot fill), with the reason: not a check
     report.html       tables and plots, the models side by side
 
 A cell's fingerprint hashes the model folder's files, the dataset's files (a data file or folder, every image file
@@ -528,7 +530,7 @@ def run_suite(suite: SuiteSpec, models: list[str | Path], out: str | Path, *, sh
                # what each dataset's bootstrap draws resample (and subgroup sizes count): a case column or the image
                "bootstrap_unit": {name: d.bootstrap_unit for name, d in datasets.items()},
                "rows": rows, "flags": leaks + [flag for cell in cells for flag in cell["flags"]],
-               "skipped": skipped_checks(cells),
+               "skipped": skipped_checks(cells), "skipped_metrics": skipped_metrics(cells),
                "cells": {"total": len(cells), "computed": computed, "reused": len(cells) - computed},
                "seconds": round(time.perf_counter() - started, 1)}
     from .html import write_suite_report
@@ -543,6 +545,13 @@ def skipped_checks(cells: Iterable[dict[str, Any]]) -> list[dict[str, str]]:
     and ``reason``, in cell order; a run with no flag and skipped checks did not pass them."""
     return [{"model": cell["model"], "key": cell["key"], "check": check, "reason": reason}
             for cell in cells for check, reason in cell["skipped"].items()]
+
+
+def skipped_metrics(cells: Iterable[dict[str, Any]]) -> list[dict[str, str]]:
+    """Every figure a cell's task asked for but could not score (``16-shot``: a class has fewer training images):
+    ``model``, ``key``, ``metric`` and ``reason``, in cell order; task settings, not checks, so not a missing pass."""
+    return [{"model": cell["model"], "key": cell["key"], "metric": metric, "reason": reason}
+            for cell in cells for metric, reason in cell["skipped_metrics"].items()]
 
 
 @functools.cache
@@ -702,6 +711,7 @@ def _cell(suite: SuiteSpec, task: TaskSpec, datasets: dict[str, PreparedDataset]
     cell = {**identity, "label": context.label_column, "fingerprint": fingerprint,
             "fingerprint_parts": parts,
             "rows": context.rows, "plots": context.plots, "flags": context.flags, "skipped": context.skipped,
+            "skipped_metrics": context.skipped_metrics,
             "seconds": round(time.perf_counter() - started, 1)}
     write_json(path, cell)
     return cell, True
@@ -713,7 +723,7 @@ def _cell_damage(cell: dict[str, Any], identity: dict[str, Any]) -> str | None:
     wrong = [name for name, value in identity.items() if cell.get(name) != value]
     if wrong:
         return f"{', '.join(wrong)} not this cell's"
-    rows, flags, skipped, plots = (cell.get(name) for name in ("rows", "flags", "skipped", "plots"))
+    rows, flags, plots = (cell.get(name) for name in ("rows", "flags", "plots"))
     if not isinstance(rows, list) or not all(map(_is_row, rows)):
         return "rows"
     # each row names its cell as the cell does (results.json and the report read them from the rows)
@@ -721,8 +731,10 @@ def _cell_damage(cell: dict[str, Any], identity: dict[str, Any]) -> str | None:
         return "rows of another cell"
     if not isinstance(flags, list) or not all(isinstance(flag, str) for flag in flags):
         return "flags"
-    if not isinstance(skipped, dict) or not all(isinstance(reason, str) for reason in skipped.values()):
-        return "skipped"
+    for name in ("skipped", "skipped_metrics"):
+        entries = cell.get(name)
+        if not isinstance(entries, dict) or not all(isinstance(reason, str) for reason in entries.values()):
+            return name
     if not isinstance(plots, dict):
         return "plots"
     return None
@@ -741,7 +753,7 @@ def _is_row(row: Any) -> bool:
 @dataclass
 class _Context:
     """What a task runner needs, and what it records: rows (metric values with intervals), plot data,
-    flags (a check that failed) and skipped checks (with the reason)."""
+    flags (a check that failed), skipped checks and metrics of the task it could not score (with the reason)."""
 
     suite: SuiteSpec
     task: TaskSpec
@@ -755,6 +767,7 @@ class _Context:
     plots: dict[str, Any] = field(default_factory=dict)
     flags: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    skipped_metrics: dict[str, str] = field(default_factory=dict)  # a task setting not scored: not a check
     cache: dict[str, Any] = field(default_factory=dict)  # what two checks share (the phantom twins)
 
     @property
@@ -895,7 +908,7 @@ def _linear_probe(ctx: _Context, few_shot: bool = False) -> None:
                           keep_scores=True, calibration_data=calibration, covariates=covariates)
     if few_shot:
         for k, reason in result.get("few_shot_skipped", {}).items():
-            ctx.skipped[f"{k}-shot"] = reason
+            ctx.skipped_metrics[f"{k}-shot"] = reason
         for k, run in result["few_shot"].items():
             for metric in ("auc", "accuracy"):
                 mean, std = run[f"{metric}_mean"], run[f"{metric}_std"]

@@ -65,14 +65,18 @@ def print_suite_summary(result: dict, out: Path) -> None:
     headline = {f"{row['model']} {row['key']} {row['metric']}": _interval(row)
                 for row in _headline_rows(result["rows"])}
     cells = result["cells"]
+    # figures a task could not score (a shot count a class cannot fill) are not checks: counted apart, when any
+    unscored = {"skipped metrics": len(result["skipped_metrics"])} if result["skipped_metrics"] else {}
     print_metrics(f"medvl bench {result['suite']}: {cells['total']} cells ({cells['computed']} computed, "
                   f"{cells['reused']} reused)", {**headline, "flags": len(result["flags"]),
-                                                 "skipped checks": len(result["skipped"]),
+                                                 "skipped checks": len(result["skipped"]), **unscored,
                                                  "seconds": result["seconds"]})
     for flag in result["flags"]:
         console.print(f"[yellow]flag[/yellow] {escape(flag)}", markup=True)
     for skip in result["skipped"]:
         console.print(f"skipped {escape(skip_line(skip))}", markup=True)
+    for skip in result["skipped_metrics"]:
+        console.print(f"skipped metric {escape(skip_line(skip))}", markup=True)
     console.print(f"wrote {out / 'results.json'} and {out / 'report.html'}")
 
 
@@ -167,7 +171,12 @@ def bench_medmnist(
         worst = result["shifted"]["worst"]
         shown[f"shifted (severities {shifts}): mean auc / worst"] = (
             f"{result['shifted']['mean_auc']:.3f} / {worst['auc']:.3f} ({worst['kind']} {worst['severity']})")
+    copies = result.get("copies_in_fit")
+    if copies:  # as bench cv's row of held-out copies
+        shown["scored images copied from training"] = f"{copies['records']} of {copies['of']}"
     print_metrics(f"MedMNIST {test_data.name}:{test_split}", {**shown, "seconds": result["seconds"]})
+    for flag in result["flags"]:
+        console.print(f"[yellow]flag[/yellow] {escape(flag)}", markup=True)
     emit_json(result, json_out, overwrite)
 
 

@@ -88,8 +88,9 @@ def linear_probe(model: DualEncoder, train_data: Dataset, test_data: Dataset, la
     counts = np.bincount(y_train, minlength=len(classes))
     for k in few_shot:
         if counts.min() < k:  # said, not left out of the table without a word
-            fewest = int(counts.argmin())
-            reason = f"class {classes[fewest]!r} has {int(counts[fewest])} training images, fewer than {k}"
+            short = [f"{classes[i]!r} ({int(count)})" for i, count in enumerate(counts) if count < k]
+            reason = (f"{'class' if len(short) == 1 else f'{len(short)} classes'} {', '.join(short[:10])} "
+                      f"{'has' if len(short) == 1 else 'have'} fewer than {k} training images")
             log.warning("%d-shot probe skipped: %s", k, reason)
             result.setdefault("few_shot_skipped", {})[str(k)] = reason
             continue
