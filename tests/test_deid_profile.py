@@ -20,7 +20,7 @@ from pydicom.data import get_testdata_file  # noqa: E402
 from pydicom.datadict import dictionary_description, dictionary_VR, keyword_for_tag  # noqa: E402
 from pydicom.dataset import Dataset  # noqa: E402
 
-from medvl.clinical.deid import deidentify  # noqa: E402
+from medvl.clinical.deid import DATE_SHIFT, deidentify  # noqa: E402
 from medvl.clinical.profile import (  # noqa: E402
     ACTIONS,
     DICOGNITO_IDS,
@@ -232,6 +232,7 @@ def test_report_does_not_depend_on_the_date_offset(tmp_path):
     count was not reproducible). Times of day keep their values (a whole-day offset): not replaced."""
     reports = [deidentify(CT, tmp_path / f"{seed}.dcm", seed=seed) for seed in (1, 5)]
     assert reports[0]["totals"]["replaced"] == reports[1]["totals"]["replaced"]
+    assert reports[0]["date_shift"] == reports[1]["date_shift"] == DATE_SHIFT  # how, never the offset itself
     assert "StudyDate" in reports[1]["totals"]["replaced"] and "StudyTime" not in reports[1]["totals"]["replaced"]
     original, shifted = pydicom.dcmread(CT), [pydicom.dcmread(tmp_path / f"{seed}.dcm") for seed in (1, 5)]
     assert all(out.StudyTime == original.StudyTime and out.StudyDate != original.StudyDate for out in shifted)

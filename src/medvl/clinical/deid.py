@@ -117,6 +117,10 @@ ULTRASOUND_CLASSES = ("1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.5.1.4.1.1.6.
 _DUMMY_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 SHIFTED = "shifted"  # snapshot mark of a date dicognito moved
 OFFSET_DAYS = (62, 730)  # the range of a run's date shift (back), in whole days
+# How a run's date shift follows from its seed (``RunAnonymizer._offset_days``), written in reports and pull states
+# so that runs with one seed can be compared and a pull is never resumed with another shift. Change it whenever
+# a seed would give other dates. medvl before 2026-12-07 wrote none: dicognito's seeded number of hours.
+DATE_SHIFT = "whole days from the seed, v1"
 _UTC_OFFSET = re.compile(r"[+-]\d{4}$")  # a DT value's &ZZXX suffix
 
 
@@ -567,6 +571,7 @@ def _report(entries: list[dict[str, Any]], skipped: Counter, seeded: bool, clean
         "uids": "replaced, consistent within this run" + (" and in any run with the same seed" if seeded else ""),
         "dates": "shifted back by one whole-day offset for the run (62 to 730 days); times of day and "
                  "intervals kept",
+        "date_shift": DATE_SHIFT,
         "totals": {
             "replaced": dict(sorted(replaced.items())),
             "removed": dict(sorted(removed.items())),
