@@ -20,7 +20,7 @@ from pydicom.data import get_testdata_file  # noqa: E402
 from pydicom.datadict import dictionary_description, dictionary_VR, keyword_for_tag  # noqa: E402
 from pydicom.dataset import Dataset  # noqa: E402
 
-from medvl.clinical.deid import deidentify  # noqa: E402
+from medvl.clinical.deid import DATE_SHIFT, deidentify  # noqa: E402
 from medvl.clinical.profile import (  # noqa: E402
     ACTIONS,
     DICOGNITO_IDS,
@@ -232,6 +232,7 @@ def test_report_does_not_depend_on_the_date_offset(tmp_path):
     count was not reproducible). Times of day keep their values (a whole-day offset): not replaced."""
     reports = [deidentify(CT, tmp_path / f"{seed}.dcm", seed=seed) for seed in (1, 5)]
     assert reports[0]["totals"]["replaced"] == reports[1]["totals"]["replaced"]
+    assert reports[0]["date_shift"] == reports[1]["date_shift"] == DATE_SHIFT  # how, never the offset itself
     assert "StudyDate" in reports[1]["totals"]["replaced"] and "StudyTime" not in reports[1]["totals"]["replaced"]
     original, shifted = pydicom.dcmread(CT), [pydicom.dcmread(tmp_path / f"{seed}.dcm") for seed in (1, 5)]
     assert all(out.StudyTime == original.StudyTime and out.StudyDate != original.StudyDate for out in shifted)
@@ -268,3 +269,36 @@ def test_one_real_date_gives_one_pseudo_date_with_or_without_its_time(tmp_path):
     (study_date, series_date), = dates[0]
     days = (datetime.date(2004, 1, 19) - datetime.datetime.strptime(study_date, "%Y%m%d").date()).days
     assert study_date == series_date and 62 <= days <= 730
+
+
+def test_partial_date_times_and_utc_offsets_are_shifted_keeping_their_form(tmp_path):
+    """PS3.5 DT is YYYYMMDDHHMMSS.FFFFFF&ZZXX with every component after the year optional, the hour too:
+    ``20040115+0100`` and ``2004+0100`` were read as if they had no UTC offset, failed to parse and were
+    emptied as "not valid DICOM dates". Every form moves back by the run's days (Study Date's shift),
+    keeping its precision and its offset; an invalid one is still emptied."""
+    import datetime
+
+    values = [("20040115+0100", "%Y%m%d"), ("2004+0100", "%Y"), ("200401-0500", "%Y%m"), ("2004", "%Y"),
+              ("200401", "%Y%m"), ("20040115", "%Y%m%d"), ("2004011512+0100", "%Y%m%d%H"),
+              ("20040115123000.123456+0100", "%Y%m%d%H"), ("20040115123000.5", "%Y%m%d%H"),
+              ("200401151230-0300", "%Y%m%d%H"), ("20049999+0100", None)]  # value, the form it is read in
+    (tmp_path / "in").mkdir()
+    for index, (value, _) in enumerate(values):
+        ds = pydicom.dcmread(CT)
+        ds.StudyDate, ds.AcquisitionDateTime = "20040115", value
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{UID_ROOT}.{index}"
+        ds.InstanceNumber = index + 1
+        ds.save_as(tmp_path / "in" / f"{index:02d}.dcm")
+    deidentify(tmp_path / "in", tmp_path / "out", seed=7)
+    written = [pydicom.dcmread(p) for p in sorted((tmp_path / "out").rglob("*.dcm"))]
+    study_dates = {out.StudyDate for out in written}
+    assert len(study_dates) == 1
+    shift = datetime.date(2004, 1, 15) - datetime.datetime.strptime(study_dates.pop(), "%Y%m%d").date()
+    for out in written:
+        value, form = values[out.InstanceNumber - 1]
+        if form is None:
+            assert out.AcquisitionDateTime == "", value
+            continue
+        width = len(datetime.datetime(2004, 1, 1).strftime(form))
+        moment = datetime.datetime.strptime(value[:width], form) - shift
+        assert out.AcquisitionDateTime == moment.strftime(form) + value[width:], value

@@ -398,7 +398,8 @@ def test_an_enhanced_multiframe_file_of_several_positions_over_time_points_is_re
     """Review finding: eCT_Supplemental's 2 frames (z -159 and -149) repeated at a second time point (4 frames) were
     read by read_image / read_dicom_image as a 4-slice volume jumping back and forth in z, with no word, while
     load_volume refused the same file naming only its folder. Both now refuse it naming the file; the frames of a
-    cine (every frame at one position) are still read as stored."""
+    cine (every frame at one position) are still read as stored. The folder loader skips both, counted (it listed
+    the cine as a volume record, which every read then refused: 'not a volume', unreadable in medvl audit)."""
     import copy
 
     from medvl.clinical.readers import read_dicom_image
@@ -429,6 +430,10 @@ def test_an_enhanced_multiframe_file_of_several_positions_over_time_points_is_re
     assert read_dicom_image(path).shape == (4, *frames.shape[1:])
     with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: all 4 frames at one position"):
         load_volume(tmp_path / "dynamic")
+    caplog.clear()
+    shutil.copy(get_testdata_file("CT_small.dcm"), tmp_path / "dynamic" / "image.dcm")
+    assert [record.meta["kind"] for record in load_dicom_folder(tmp_path / "dynamic")] == ["image"]
+    assert "skipped 1 multi-frame files that are not a volume (cine, time series" in caplog.text
 
 
 def test_the_mni_template_written_as_an_axial_dicom_series_reads_back_as_read_nifti_reads_it(tmp_path):

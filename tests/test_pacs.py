@@ -1503,6 +1503,34 @@ def test_a_pull_state_edited_by_hand_is_refused_naming_it(tmp_path, change):
     assert str(error.value) == f"{out / STATE_NAME}: unreadable pull state; delete the folder and pull again"
 
 
+@pytest.mark.parametrize("keep_identifiers", [False, True])
+def test_a_pull_started_before_the_whole_day_date_shift_is_refused_on_resume(tmp_path, keep_identifiers):
+    """The state kept the seed but not how the date shift follows from it: a pull started by medvl before
+    2026-12-07 (dicognito's seeded hours; a state of format 1 without date_shift) and resumed by this one went on
+    with another offset, one real Study Date written as two pseudo-dates 15 months apart in one study. Refused,
+    nothing more written; a pull keeping identifiers shifts no date and resumes."""
+    from medvl.clinical.deid import DATE_SHIFT
+    from medvl.clinical.pull import run_pull
+
+    files = [write_dicom(tmp_path / f"ct{i}.dcm", PATIENTS["B"], study="5", series=str(i), number=1, modality="CT",
+                         pixels=np.zeros((8, 8)), series_number=i, description="Thorax") for i in (1, 2)]
+    out = tmp_path / "out"
+    pull = {"keep_identifiers": keep_identifiers, "show_progress": False}
+    assert not run_pull(FilesSource(files), "1.2.3", out, limit=1, **pull)["complete"]
+    state = json.loads((out / STATE_NAME).read_text())
+    assert state.pop("date_shift") == (None if keep_identifiers else DATE_SHIFT)
+    (out / STATE_NAME).write_text(json.dumps(state | {"format": 1}))  # as medvl before 2026-12-07 wrote it
+    if keep_identifiers:
+        assert run_pull(FilesSource(files), "1.2.3", out, **pull)["complete"]
+        return
+    with pytest.raises(InputError) as error:
+        run_pull(FilesSource(files), "1.2.3", out, **pull)
+    assert str(error.value) == (f"{out}: the unfinished pull there was started by another medvl version, which "
+                                "shifts dates differently; finish it with the medvl version that started it, or "
+                                "start a new pull into another folder")
+    assert len(list(out.rglob("*.dcm"))) == 1 and (out / STATE_NAME).is_file()
+
+
 def test_pull_takes_a_data_set_without_preamble_and_names_the_source_once(tmp_path):
     from medvl.clinical.pull import run_pull
 

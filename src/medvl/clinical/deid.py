@@ -117,6 +117,11 @@ ULTRASOUND_CLASSES = ("1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.5.1.4.1.1.6.
 _DUMMY_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 SHIFTED = "shifted"  # snapshot mark of a date dicognito moved
 OFFSET_DAYS = (62, 730)  # the range of a run's date shift (back), in whole days
+# How a run's date shift follows from its seed (``RunAnonymizer._offset_days``), written in reports and pull states
+# so that runs with one seed can be compared and a pull is never resumed with another shift. Change it whenever
+# a seed would give other dates. medvl before 2026-12-07 wrote none: dicognito's seeded number of hours.
+DATE_SHIFT = "whole days from the seed, v1"
+_UTC_OFFSET = re.compile(r"[+-]\d{4}$")  # a DT value's &ZZXX suffix
 
 
 def _require_dicognito():
@@ -178,6 +183,12 @@ def _shift_whole_days(anonymizer, days: int) -> None:
                 return True
             return super().__call__(dataset, data_element)
 
+        def _shift_datetime(self, datetime_value: str) -> str:
+            """dicognito reads a DT by its length as if it had no UTC offset (``20040115+0100`` failed to
+            parse): the offset is split off, the date and time shifted, the offset put back unchanged."""
+            moment, utc_offset = _split_utc_offset(datetime_value)
+            return super()._shift_datetime(moment) + utc_offset
+
     handlers = getattr(anonymizer, "_element_handlers", [])
     found = [i for i, handler in enumerate(handlers) if type(handler) is DateTimeAnonymizer]
     if len(found) != 1:  # a dicognito whose internals changed: never fall back to its hour offset
@@ -218,10 +229,19 @@ def _values(value) -> list[str]:
     return [str(v) for v in value] if _multi(value) else [str(value)]
 
 
+def _split_utc_offset(value: str) -> tuple[str, str]:
+    """A DT value's date and time, and its UTC offset (``&ZZXX``: ``+0100``, or "" when it has none). PS3.5
+    makes every component after the year optional, the hour too: ``2004+0100`` and ``20040115+0100`` are valid."""
+    match = _UTC_OFFSET.search(value)
+    return (value[:match.start()], match.group()) if match else (value, "")
+
+
 def _shiftable(value: str) -> bool:
-    """What dicognito's date shift parses (``DateTimeAnonymizer._shift_datetime``)."""
+    """What the run's date shift parses (``WholeDayShift._shift_datetime``: dicognito's, on the value
+    without its UTC offset)."""
     import datetime
 
+    value, _ = _split_utc_offset(value)
     try:
         datetime.datetime.strptime(value[:10], "%Y%m%d%H"[: len(value) - 2])  # noqa: DTZ007
     except ValueError:
@@ -551,6 +571,7 @@ def _report(entries: list[dict[str, Any]], skipped: Counter, seeded: bool, clean
         "uids": "replaced, consistent within this run" + (" and in any run with the same seed" if seeded else ""),
         "dates": "shifted back by one whole-day offset for the run (62 to 730 days); times of day and "
                  "intervals kept",
+        "date_shift": DATE_SHIFT,
         "totals": {
             "replaced": dict(sorted(replaced.items())),
             "removed": dict(sorted(removed.items())),

@@ -28,7 +28,9 @@ their original SOP Instance UID), which of them may hold burned-in text (their p
 report of the run that finishes the pull names those of earlier runs too) and, for a de-identified
 pull without ``seed``, the random de-identification seed, so a rerun of the same command after an
 interruption (or after ``limit``) fetches only the missing instances and maps UIDs and dates exactly
-as the first run did. An instance listed there whose file has since been removed from OUT is pulled again;
+as the first run did. It records how the date shift follows from the seed (``deid.DATE_SHIFT``): a pull started
+by a medvl that shifted dates another way (before 2026-12-07: whole hours) is refused, never continued with a
+second offset. An instance listed there whose file has since been removed from OUT is pulled again;
 a state file of another format, with a value of another type or a path that is not an instance path inside
 OUT is refused (``DataError``), never trusted.
 The state file is deleted when the pull completes, taking the seed with it: the seed would
@@ -52,6 +54,7 @@ from typing import IO, Any, Protocol
 from ..errors import ConnectionFailure, DataError, InputError, WriteError
 from ..io import atomic_write_bytes, read_json, write_json
 from ..progress import progress_bar
+from .deid import DATE_SHIFT
 from .formats import INSTALL_HINT, uid_hash
 
 log = logging.getLogger(__name__)
@@ -59,7 +62,8 @@ log = logging.getLogger(__name__)
 STATE_NAME = ".medvl-pull-state.json"
 REPORT_NAME = "pull-report.json"
 STATE_SAVE_SECONDS = 1.0  # the pull state is saved at most this often (and at the end)
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: records date_shift (an older medvl refuses it rather than shift dates its own way)
+STATE_FORMATS = (1, 2)  # read; a de-identified pull of format 1 (no date_shift) is refused on resume
 INSTANCE_PATH = re.compile(r"study-[0-9a-f]{12}/series-[0-9a-f]{12}/[0-9a-f]{20}\.dcm")  # as _Writer writes them
 
 
@@ -118,13 +122,15 @@ class _State:
     keep_identifiers: bool
     seed: str | None = None  # the generated de-identification seed (None: the caller's own seed)
     seed_check: str | None = None  # hash of the caller's seed, to refuse a resume with another one
+    date_shift: str | None = None  # deid.DATE_SHIFT of a de-identified pull (None: keeping identifiers, or format 1)
     done: dict[str, str] = field(default_factory=dict)  # hash of original SOP Instance UID -> relative path
     at_risk: list[str] = field(default_factory=list)  # relative paths of the instances that may hold burned-in text
 
     def save(self) -> None:
         write_json(self.path, {"format": STATE_FORMAT, "studies": self.studies,
                                "keep_identifiers": self.keep_identifiers, "seed": self.seed,
-                               "seed_check": self.seed_check, "done": self.done, "at_risk": self.at_risk})
+                               "seed_check": self.seed_check, "date_shift": self.date_shift, "done": self.done,
+                               "at_risk": self.at_risk})
 
 
 def _open_state(out: Path, study_uids: list[str], keep_identifiers: bool, seed: str | None) -> _State:
@@ -141,7 +147,8 @@ def _open_state(out: Path, study_uids: list[str], keep_identifiers: bool, seed: 
         raise InputError(f"{out}: output folder is not empty{finished}; give a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
     generated = None if keep_identifiers or seed is not None else secrets.token_hex(16)
-    state = _State(path, studies, keep_identifiers, seed=generated, seed_check=seed_check)
+    state = _State(path, studies, keep_identifiers, seed=generated, seed_check=seed_check,
+                   date_shift=None if keep_identifiers else DATE_SHIFT)
     state.save()
     return state
 
@@ -155,18 +162,19 @@ def _read_state(path: Path) -> _State:
         saved = read_json(path)
     except (OSError, ValueError):
         raise unreadable from None
-    if not isinstance(saved, dict) or saved.get("format") != STATE_FORMAT:
+    if not isinstance(saved, dict) or saved.get("format") not in STATE_FORMATS:
         raise unreadable
     studies, keep = saved.get("studies"), saved.get("keep_identifiers")
     seed, seed_check = saved.get("seed"), saved.get("seed_check")
     done, at_risk = saved.get("done") or {}, saved.get("at_risk") or []
-    seeds = [value for value in (seed, seed_check) if value is not None]
+    date_shift = saved.get("date_shift")
+    optional_texts = [value for value in (seed, seed_check, date_shift) if value is not None]
     if (not isinstance(studies, list) or not studies or not _texts(studies) or not isinstance(keep, bool)
-            or not _texts(seeds)
+            or not _texts(optional_texts)
             or not isinstance(done, dict) or not isinstance(at_risk, list)
             or not all(_instance_path(path.parent, relative) for relative in [*done.values(), *at_risk])):
         raise unreadable
-    return _State(path, list(studies), keep, seed, seed_check, dict(done), list(at_risk))
+    return _State(path, list(studies), keep, seed, seed_check, date_shift, dict(done), list(at_risk))
 
 
 def _texts(values: Any) -> bool:
@@ -190,6 +198,10 @@ def _resume_state(path: Path, studies: list[str], keep_identifiers: bool, seed: 
         raise InputError(f"{path.parent}: the unfinished pull there was "
                          f"{'not ' if not state.keep_identifiers else ''}run with --keep-identifiers; rerun it the "
                          "same way")
+    if not keep_identifiers and state.date_shift != DATE_SHIFT:  # its first instances have another date offset
+        raise InputError(f"{path.parent}: the unfinished pull there was started by another medvl version, which "
+                         "shifts dates differently; finish it with the medvl version that started it, or start a "
+                         "new pull into another folder")
     if state.seed_check != seed_check:
         raise InputError(f"{path.parent}: resume the unfinished pull with the same --seed as before "
                          f"({'one was given' if state.seed_check else 'none was given'})")
@@ -453,6 +465,7 @@ def _deid_summary(entries: list[dict[str, Any]], at_risk_paths: list[str]) -> di
     return {"profile": PROFILE, "tool": f"dicognito {dicognito_version}",
             "uids": "replaced, consistent within the pull",
             "dates": "shifted back by one whole-day offset per pull (62 to 730 days); times of day kept",
+            "date_shift": DATE_SHIFT,
             "files_this_run": len(entries), "replaced": dict(sorted(replaced.items())),
             "removed": dict(sorted(removed.items())),
             "private_tags_removed": sum(entry["private_tags_removed"] for entry in entries),

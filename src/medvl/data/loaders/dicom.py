@@ -173,9 +173,11 @@ def _stackable(series, headers: list[_Header]) -> float | None:
 
 
 def _multiframe_volume(header: _Header) -> bool:
-    """An enhanced CT / MR / PET file whose frames are placed in space in one plane orientation (``read_image``
-    stacks the same files into a volume: ``medvl.clinical.dicom.multiframe_to_ras``), and not at several positions
-    some of which repeat (a 4D file, which ``read_image`` refuses)."""
+    """An enhanced CT / MR / PET file whose frames are placed in space in one plane orientation, each at its own
+    position (``read_image`` stacks the same files into a volume: ``medvl.clinical.dicom.multiframe_to_ras``). Not
+    one whose frames repeat a position: a cine (every frame at one position, which ``read_image`` reads as stored
+    frames) or a 4D file (several positions, some repeated, which it refuses); as a volume record every read of
+    either fails (``repeated_frames``), so they are skipped with the other multi-frame files that are not a volume."""
     from ...clinical.dicom import (
         distinct_spacings,
         frame_pixel_spacings,
@@ -193,9 +195,8 @@ def _multiframe_volume(header: _Header) -> bool:
     placement = frame_placement(ds, header.frames)
     if placement is None or not one_plane(placement[0]):
         return False
-    counts = position_counts(placement[0][0], placement[1])  # a cine (one position) is read as stored
-    four_d = len(counts) > 1 and max(counts) > 1
-    return not four_d and len(distinct_spacings(frame_pixel_spacings(ds, header.frames))) <= 1
+    repeated = max(position_counts(placement[0][0], placement[1])) > 1  # a cine or a 4D file: not a volume
+    return not repeated and len(distinct_spacings(frame_pixel_spacings(ds, header.frames))) <= 1
 
 
 def _text(value: Any) -> str | None:
