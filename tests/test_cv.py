@@ -419,3 +419,29 @@ def test_the_splits_pooled_into_the_folds_are_said_and_split_chooses_them(tmp_pa
     assert "the folds pool every split" not in " ".join(output.split())
     result, output = invoke(*args, "--split", "trian")
     assert result.exit_code == 2 and "no split 'trian'; splits present:" in output, output
+
+
+def test_a_chosen_split_whose_records_all_lack_the_label_is_said_not_missing(tmp_path):
+    """bench cv dropped the unlabelled records of every split before choosing the splits: --split test of data whose
+    test rows are not yet annotated was "no split 'test'", although the split is there."""
+    import csv
+
+    from medvl.data.phantom import generate_phantom
+
+    phantom_dir = tmp_path / "ph"
+    generate_phantom(phantom_dir, n=40, seed=0, size=32)
+    manifest = phantom_dir / "manifest.csv"
+    with manifest.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        if row["split"] == "test":
+            row["sex"] = ""
+    with manifest.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    tests = sum(row["split"] == "test" for row in rows)
+    result, output = invoke("bench", "cv", "--data", phantom_dir, "--label-column", "sex", "--model", "phantom-tiny",
+                            "--folds", 2, "--epochs", 1, "--split", "test")
+    assert result.exit_code == 2, output
+    assert f"the {tests} records of split test have no value in label column 'sex'" in " ".join(output.split())

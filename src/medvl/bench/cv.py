@@ -132,8 +132,16 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
     settings.train.validate()  # bad numbers fail before any data is read
     if group_column is not None and not group_column.strip():  # not "no grouping": folds that leak patients
         raise InputError("--group-column: empty column name (leave the option out to split without groups)")
-    dataset = pool_splits(load_dataset(data_path, label_columns=[label], allow_outside_root=allow_outside_root),
-                          splits)
+    everything = load_dataset(data_path, allow_outside_root=allow_outside_root)
+    everything.require_label(label)  # an unknown column fails before the splits are looked at
+    chosen = pool_splits(everything, splits)
+    # the chosen splits' records with a label (counted in the log, of those splits only): a chosen split whose
+    # records all lack one is said so, not reported as missing
+    dataset = chosen.with_labels([label])
+    if not len(dataset):
+        raise InputError(f"{chosen.source}: the {len(chosen)} records of "
+                         f"{'every split' if splits in (None, [ALL_SPLITS]) else 'split ' + ', '.join(splits)} have "
+                         f"no value in label column {label!r}")
     # a bad name or override fails here, before any training; a DICOM folder's records of the other kind are left out
     # (a registered name: cross-validation trains each fold from it; a saved model folder is refused)
     dataset = dataset.for_spatial_dims(get_config(model_name, **settings.model_overrides).image.spatial_dims)
