@@ -413,6 +413,12 @@ def test_a_group_lacking_a_class_is_not_compared_on_a_class_averaged_headline():
 
     assert "1 scored group lacking one of the scored records' classes: an AUC over fewer classes, left out of the " \
            "worst-group gap" in (_unscored_groups(column, len(y3), 10, []) or "")
+    # a group both rough and lacking a class is counted once, as rough (a column of 2 groups read as 3)
+    both = {"groups": {"A": {"missing_classes": 1, "auc": {"value": 0.7}, "rough": True},
+                       "B": {"missing_classes": 0, "auc": {"value": 0.8}, "rough": False}},
+            "missing": 0, "too_small": {}, "rough_groups": 1, "gap": None}
+    words = _unscored_groups(both, 40, 10, []) or ""
+    assert "1 scored group with a class of fewer than" in words and "lacking one of" not in words, words
 
 
 def test_subgroup_inputs_are_checked():

@@ -1213,12 +1213,13 @@ def _unscored_groups(block: dict[str, Any], n: int, min_size: int, unreadable: l
     if rough:  # counted, never named or quoted: their rows carry rough: true
         parts.append(f"{rough} scored group{'s' * (rough != 1)} with a class of fewer than {SMALL_CLASS} records: "
                      "rough intervals (rows marked rough), left out of the worst-group gap")
-    # groups with an AUC over some of the classes only (a one-class group, without one, is named above)
+    # groups with an AUC over some of the classes only (a one-class group, without one, is named above; a rough
+    # group, counted above, is out of the gap already: each group is counted in one phrase)
     incomplete = sum(bool(metrics.get("missing_classes")) and metrics.get("auc") is not None
-                     for metrics in block["groups"].values())
+                     and not metrics.get("rough") for metrics in block["groups"].values())
     if incomplete:
-        parts.append(f"{incomplete} scored group{'s' * (incomplete != 1)} lacking one of the scored records' "
-                     "classes: an AUC over fewer classes, left out of the worst-group gap")
+        parts.append(f"{incomplete} {'other ' * bool(rough)}scored group{'s' * (incomplete != 1)} lacking one of "
+                     "the scored records' classes: an AUC over fewer classes, left out of the worst-group gap")
     if block.get("gap") is None:
         parts.append(f"no worst-group gap (it needs two groups with an AUC and every class at {SMALL_CLASS} records "
                      "or more)")
