@@ -1903,11 +1903,9 @@ def _cases_past_the_filter_columns(dataset: Dataset) -> Dataset:
 
 
 def _check_case_ids(index) -> None:
-    from medvl.index.search import case_images
-
     assert "case_id" not in index.columns and "m_case_id" not in index.columns
     assert len(index) == 6
-    found = case_images(index, ["C0", "C2", "missing"])
+    found = index.case_ids(["C0", "C2", "missing"])
     assert set(found) == {"C0", "C2"} and all(len(images) == 2 for images in found.values())
     assert index.case_ids(set()) == {}
 

@@ -62,7 +62,7 @@ from ..data.record import Dataset, Record
 from ..errors import InputError
 from ..index.base import MAX_K, Hit, Index, check_model, path_sha256
 from ..index.cases import case_key, pixel_sha256s
-from ..index.search import case_images, first_cases
+from ..index.search import first_cases
 from ..models.preprocess import read_for
 from ..progress import progress_bar
 from ..rag.draft import MIN_SIMILARITY, MIN_SUPPORT, check_k, check_settings, draft_from_hits
@@ -204,7 +204,7 @@ def _self_matches(index: Index, records: Sequence[Record], hashes: list[tuple[st
 
 
 def _with_own_cases(index: Index, records: Sequence[Record], own: list[set[str]], same_source: bool) -> list[set[str]]:
-    """Each query's self-matches ``own`` with every other indexed image of its case (``index.search.case_images``):
+    """Each query's self-matches ``own`` with every other indexed image of its case (``Index.case_ids``):
     the case its metadata names (``case_key``, MedPix's ``case_id``) when the index was built from its dataset, and
     those of its indexed copies. Its case's other images share its report: they would be its nearest cases."""
     stored = index.stored_contents(sorted(set().union(*own))) if any(own) else {}
@@ -212,7 +212,7 @@ def _with_own_cases(index: Index, records: Sequence[Record], own: list[set[str]]
     named = [[copy_case.get(image_id) for image_id in ids] + ([case_key(r.meta)] if same_source else [])
              for r, ids in zip(records, own, strict=True)]
     cases = [{key for key in keys if key is not None} for keys in named]
-    images = case_images(index, set().union(*cases))
+    images = index.case_ids(set().union(*cases))
     return [ids | {image_id for key in keys for image_id in images.get(key, ())}
             for ids, keys in zip(own, cases, strict=True)]
 

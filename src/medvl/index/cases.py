@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -81,6 +81,17 @@ def case_key(meta: dict[str, Any]) -> str | None:
     """The case / patient an image belongs to, when its metadata says (``CASE_KEYS``: MedPix's ``case_id``); several
     images of one case share it, and often its report."""
     return next((str(meta[key]) for key in CASE_KEYS if meta.get(key) not in (None, "")), None)
+
+
+def ids_by_case(rows: Iterable[tuple[str, dict[str, Any]]], keys: Collection[str]) -> dict[str, list[str]]:
+    """Case (``case_key``) -> the sorted ids of its images among ``rows`` (id, metadata), for the ``keys`` wanted:
+    ``Index.case_ids`` of every backend over its rows."""
+    wanted, found = set(keys), dict[str, list[str]]()
+    for image_id, meta in rows:
+        key = case_key(meta)
+        if key is not None and key in wanted:
+            found.setdefault(key, []).append(image_id)
+    return {key: sorted(ids) for key, ids in found.items()}
 
 
 def dataset_root(dataset: Dataset) -> Path:

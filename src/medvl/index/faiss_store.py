@@ -88,9 +88,9 @@ from .cases import (
     FIXED_COLUMNS,
     NUMBER,
     Case,
-    case_key,
     check_unique_ids,
     column_values,
+    ids_by_case,
     infer_columns,
     public_image_path,
     quote_column,
@@ -793,13 +793,11 @@ class FaissIndex(IndexBase):
 
     @_reads_cases
     def case_ids(self, keys: Collection[str]) -> dict[str, list[str]]:
-        wanted, found = set(keys), dict[str, list[str]]()
-        if wanted:
-            for image_id, meta in self.conn.execute("SELECT id, meta FROM cases"):
-                key = case_key(_cell_object(self.path / CASES_DB, meta, "meta"))
-                if key in wanted:
-                    found.setdefault(key, []).append(image_id)
-        return {key: sorted(ids) for key, ids in found.items()}
+        if not keys:
+            return {}
+        rows = self.conn.execute("SELECT id, meta FROM cases")
+        return ids_by_case(((image_id, _cell_object(self.path / CASES_DB, meta, "meta")) for image_id, meta in rows),
+                           keys)
 
     # -- changes ---------------------------------------------------------------------------------
     def _edit(self) -> sqlite3.Connection:

@@ -53,9 +53,9 @@ from .base import (
 from .cases import (
     NUMBER,
     Case,
-    case_key,
     check_unique_ids,
     column_values,
+    ids_by_case,
     infer_columns,
     public_image_path,
     quote_column,
@@ -456,13 +456,10 @@ class PgVectorIndex(IndexBase):
         return {row[0]: row[1] for row in rows}
 
     def case_ids(self, keys: Collection[str]) -> dict[str, list[str]]:
-        wanted, found = set(keys), dict[str, list[str]]()
-        if wanted:
-            for image_id, meta in self.conn.execute(self._q("SELECT id, meta FROM {t}")):
-                key = case_key(meta or {})
-                if key in wanted:
-                    found.setdefault(key, []).append(image_id)
-        return {key: sorted(ids) for key, ids in found.items()}
+        if not keys:
+            return {}
+        rows = self.conn.execute(self._q("SELECT id, meta FROM {t}"))
+        return ids_by_case(((image_id, meta or {}) for image_id, meta in rows), keys)
 
     def _writable(self) -> None:
         if not self.writable:

@@ -107,7 +107,7 @@ def search_without_copies(index: Index, vector: np.ndarray, k: int, digests: Seq
     return [hit for hit in hits if hit.id not in dropped][:k], copies
 
 
-SEARCH_MARGIN = 32  # images searched beyond k at first, so that k cases usually remain after their siblings
+SEARCH_MARGIN = 32  # images searched beyond k at first, so that k usually remain after the exclusions
 
 
 def hit_case(hit: Hit) -> str:
@@ -116,11 +116,11 @@ def hit_case(hit: Hit) -> str:
     reports ("No acute cardiopulmonary abnormality.") are shared by many patients (925 of IU X-ray's 3,927 reports
     repeat another's), and counting them once outvoted six normal patients with four abnormal ones. The drafts'
     privacy rules count identical report texts once instead (``rag.draft.report_key``)."""
-    return case_of(hit.id, hit.meta, hit.text)
+    return case_of(hit.id, hit.meta)
 
 
-def case_of(image_id: str, meta: dict[str, Any], report: str | None = None) -> str:
-    """``hit_case`` of an indexed image given by its id and metadata (``report`` is not used: see ``hit_case``)."""
+def case_of(image_id: str, meta: dict[str, Any]) -> str:
+    """``hit_case`` of an indexed image given by its id and metadata."""
     key = case_key(meta)
     return f"case:{key}" if key is not None else f"id:{image_id}"
 
@@ -128,7 +128,7 @@ def case_of(image_id: str, meta: dict[str, Any], report: str | None = None) -> s
 def own_cases(index: Index, ids: Sequence[str]) -> set[str]:
     """The cases (``hit_case``) of the indexed images ``ids``."""
     stored = index.stored_contents(list(ids)) if ids else {}
-    return {case_of(image_id, json.loads(contents[3]), contents[1]) for image_id, contents in stored.items()}
+    return {case_of(image_id, json.loads(contents[3])) for image_id, contents in stored.items()}
 
 
 def search_other_cases(index: Index, vector: np.ndarray, k: int, digests: Sequence[str], where: str | None = None,
@@ -163,12 +163,6 @@ def first_cases(hits: list[Hit], k: int) -> list[Hit]:
         if len(seen) == k:
             return hits[:position + 1]
     return hits
-
-
-def case_images(index: Index, cases: Iterable[str]) -> dict[str, list[str]]:
-    """Case (``cases.case_key``) -> the ids of every indexed image of it, for the ``cases`` the index holds
-    (``Index.case_ids``: from every image's metadata, whether or not its case column is a filter column)."""
-    return index.case_ids(set(cases))
 
 
 def shown_columns(index: Index, names: list[str]) -> list[str]:

@@ -23,12 +23,10 @@ import numpy as np
 from ..checks import check_number
 from ..data.record import Record
 from ..index.base import MAX_K, Hit, Index, check_model
-from ..index.cases import CASE_KEYS as CASE_KEYS
-from ..index.cases import case_key as case_key
-from ..index.cases import pixel_sha256s
+from ..index.cases import case_key, pixel_sha256s
+from ..index.search import SEARCH_MARGIN
 from ..progress import progress_bar
 
-SEARCH_MARGIN = 32  # extra neighbours fetched first, so that k usually remain after the exclusions
 BATCH = 32
 
 
