@@ -40,6 +40,7 @@ from medvl.rag.draft import (
     jaccard,
     report_words,
 )
+from medvl.rag.knowledge import case_region, region_key
 from medvl.rag.labels import MAX_REACH, split_sentences
 
 NEW_FINDING = """---
@@ -581,6 +582,70 @@ def test_a_tied_detail_is_not_drafted_and_an_opposite_side_is_not_a_source_of_th
     assert majority.text() == "FINDINGS: Left pleural effusion."
     assert majority.sentences[0].wording_from == ["c0", "c1", "c2"]  # c3 says right: neither cited nor a source
     assert majority.sentences[0].cases == ["c0", "c1", "c2"]
+
+
+def region_hits(regions: list[str | None], text: str) -> list[Hit]:
+    """One neighbour per case, each with ``text`` as its report and ``regions[i]`` as its MedPix-style
+    ``location_category`` (None: no region named)."""
+    return [Hit(id=f"case{i}", score=0.9, split="train", text=text, meta={"case_id": f"case{i}"},
+                labels={} if region is None else {"location_category": region}) for i, region in enumerate(regions)]
+
+
+def test_a_draft_from_cases_of_another_body_region_attaches_no_chest_definition(labeller):
+    """The shipped entries are chest X-ray findings: the "mass" that head CT reports state is no "Lung mass: a
+    pulmonary opacity". A definition is attached where the cases name no region (IU X-ray) or their region is the
+    entry's; not where they are of another region or of several without a majority."""
+    text = "There is a large mass in the left frontal lobe."
+    head = draft_from_hits(region_hits(["Head"] * 4 + [None], text), labeller)
+    assert not head.abstained and head.consensus["mass"] == "positive"
+    assert head.definitions == [] and head.settings["region"] == "head" and head.settings["out_of_scope"] == ["mass"]
+    for regions, region in ((["Thorax"] * 3 + ["Head"], "chest"), ([None] * 4, None)):
+        draft = draft_from_hits(region_hits(regions, text), labeller)
+        assert [card["name"] for card in draft.definitions] == ["mass"], regions
+        assert draft.settings["region"] == region and draft.settings["out_of_scope"] == []
+    mixed = draft_from_hits(region_hits(["Head", "Head", "Thorax", "Thorax"], text), labeller)
+    assert mixed.definitions == [] and mixed.settings["region"] == "" and mixed.settings["out_of_scope"] == ["mass"]
+    # a DICOM's Body Part Examined is read as well, synonyms folded
+    dicom = [Hit(id=f"c{i}", score=0.9, split="train", text=text, meta={"case_id": f"c{i}", "body_part": "CHEST"})
+             for i in range(4)]
+    assert draft_from_hits(dicom, labeller).settings["region"] == "chest"
+    # an entry of the user's without a scope applies to any region
+    knowledge = load_knowledge()
+    knowledge["mass"].scope = []
+    anywhere = draft_from_hits(region_hits(["Head"] * 4, text), ReportLabeller(knowledge))
+    assert [card["name"] for card in anywhere.definitions] == ["mass"]
+
+
+def test_report_draft_command_says_why_a_drafted_finding_has_no_definition(labeller):
+    from medvl.cli.common import console
+    from medvl.cli.report import print_draft
+
+    draft = draft_from_hits(region_hits(["Head"] * 4, "There is a large mass in the left frontal lobe."), labeller)
+    with console.capture() as captured:
+        print_draft(draft)
+    shown = " ".join(captured.get().split())
+    assert "no definition shown for mass: the knowledge base's entries are written for another body region and " \
+           "these cases are of the head" in shown and "pulmonary opacity" not in shown
+
+
+def test_an_entrys_scope_is_read_with_region_synonyms_folded(tmp_path):
+    (tmp_path / "lesion.md").write_text("---\nname: lesion\nsynonyms: [lesion]\nscope: [Thorax, Brain]\n---\n")
+    base = load_knowledge(tmp_path)
+    assert base["lesion"].scope == ["chest", "head"] and base["mass"].scope == ["chest"]
+    assert base.in_scope("lesion", "head") and base.in_scope("lesion", None) and not base.in_scope("mass", "head")
+    assert region_key("Chest, Pulmonary") == region_key("LUNG") == "chest"
+    assert case_region({"location_category": "Spine and Muscles"}) == "spine_and_muscles"
+    assert case_region({}, {"body_part": " "}) is None
+
+
+def test_related_entries_are_those_written_for_the_cases_region(model_dir, tmp_path):
+    from medvl.models.registry import load_model
+
+    (tmp_path / "lesion.md").write_text("---\nname: lesion\nsynonyms: [lesion]\n---\n")
+    base, model = load_knowledge(tmp_path), load_model(model_dir)
+    assert [f.name for f, _ in base.retrieve(model, "mass", k=3, region="head")] == ["lesion"]
+    assert len(base.retrieve(model, "mass", k=3, region="chest")) == 3
+    assert len(base.retrieve(model, "mass", k=3)) == 3
 
 
 def test_draft_abstains_when_neighbours_disagree_or_are_far(labeller, by_finding):

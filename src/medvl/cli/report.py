@@ -114,6 +114,12 @@ def print_draft(draft) -> None:
         _print_findings(draft)
     for card in draft.definitions:
         console.print(f"[bold]{escape(card['title'])}[/]: {escape(card['definition'])}", markup=True)
+    out_of_scope = draft.settings.get("out_of_scope") or []
+    if out_of_scope:
+        region = draft.settings.get("region")
+        cases = f"of the {region}" if region else "of several body regions, none for most of them"
+        console.print(f"no definition shown for {', '.join(out_of_scope)}: the knowledge base's entries are written "
+                      f"for another body region and these cases are {escape(cases)}")
     if draft.related:
         shown = ", ".join(f"{card['title']} {card['score']:.2f}" for card in draft.related)
         console.print(f"knowledge entries closest to the image: {shown}")
@@ -163,6 +169,7 @@ def knowledge_command(
         console.print(f"[bold]{escape(entry.title)}[/] ({escape(entry.name)}, {escape(str(entry.path))})", markup=True)
         console.print(f"definition: {entry.definition}\nappearance: {entry.appearance}")
         console.print(f"synonyms: {'; '.join(entry.synonyms)}")
+        console.print(f"scope: {', '.join(entry.scope) if entry.scope else 'any body region'}")
         return
     scores: dict[str, float] = {}
     entries = list(base)
@@ -174,11 +181,12 @@ def knowledge_command(
         ranked = base.retrieve(load_model(model), query, 3 if k is None else k)
         entries, scores = [f for f, _ in ranked], {f.name: s for f, s in ranked}
     table = Table(header_style="bold")
-    for name in ("name", "title", "synonyms", *(["score"] if scores else []), "definition"):
+    for name in ("name", "title", "synonyms", "scope", *(["score"] if scores else []), "definition"):
         table.add_column(name)
     for entry in entries:
         score = [f"{scores[entry.name]:.3f}"] if scores else []
-        table.add_row(entry.name, entry.title, str(len(entry.synonyms)), *score, entry.definition)
+        table.add_row(entry.name, entry.title, str(len(entry.synonyms)), ", ".join(entry.scope) or "any", *score,
+                      entry.definition)
     console.print(table)
 
 

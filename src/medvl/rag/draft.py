@@ -65,7 +65,13 @@ report texts use it, so one report stored under three images without a case id n
    (``Draft.ood``): a draft for an image unlike the model's training images is flagged, not withheld, as the
    zero-shot and search answers are.
 6. The knowledge base's entries of the drafted findings are attached, and with a model the
-   entries closest to the image embedding (``related``).
+   entries closest to the image embedding (``related``): those written for the cases' body region only
+   (``knowledge.in_scope``). The region (``settings["region"]``) is the one named in the labels or metadata
+   (``knowledge.case_region``: MedPix's ``location_category``, a DICOM's Body Part Examined) of more than half the
+   weight of the drafting cases that name one; None when none does (every entry applies, as for IU X-ray, whose
+   records name none), ``""`` when they name several without such a majority (no region-scoped entry applies).
+   Drafted findings whose entry is written for another region are named in ``settings["out_of_scope"]``, so a
+   draft from head CT reports stating a "mass" does not carry "Lung mass: a pulmonary opacity".
 
 Report text is patient data: nothing here logs it.
 """
@@ -88,7 +94,7 @@ from ..checks import check_number
 from ..errors import InputError
 from ..index.base import Hit
 from ..index.search import hit_case
-from .knowledge import KnowledgeBase
+from .knowledge import MIXED_REGIONS, KnowledgeBase, case_region
 from .labels import (
     FINDINGS_SECTION,
     IMPRESSION_SECTION,
@@ -329,7 +335,7 @@ def draft_report(index, model, image: str | Path | np.ndarray | torch.Tensor, *,
     draft.settings["left_out_same_case"] = siblings
     draft.ood = ood
     if related > 0:
-        nearest = labeller.knowledge.retrieve(model, vector, related)
+        nearest = labeller.knowledge.retrieve(model, vector, related, region=draft.settings.get("region"))
         draft.related = [{**f.card(), "score": round(score, 4)} for f, score in nearest]
     return draft
 
@@ -346,6 +352,7 @@ def draft_from_hits(hits: Sequence[Hit], labeller: ReportLabeller | None = None,
     with_report = [h for h in hits if _has_report(h)]
     weights = _weights([h.score for h in with_report])
     weight_of = dict(zip((h.id for h in with_report), weights, strict=True))
+    settings["region"] = _region(with_report, weights)
     neighbours = [Neighbour(h.id, round(float(h.score), 4), round(float(weight_of.get(h.id, 0.0)), 4), h.split,
                             dict(h.labels), h.id in weight_of) for h in hits]
     if not hits:
@@ -383,7 +390,25 @@ def draft_from_hits(hits: Sequence[Hit], labeller: ReportLabeller | None = None,
     for sentence in kept:
         sentence.consensus = {name: shares[name] for name in sentence.findings}
     drafted = [name for name, status in consensus.items() if status in (POSITIVE, UNCERTAIN)]
-    return Draft(kept, findings, neighbours, definitions=labeller.knowledge.cards(drafted), settings=settings)
+    knowledge, region = labeller.knowledge, settings["region"]
+    settings["out_of_scope"] = [name for name in drafted if not knowledge.in_scope(name, region)]
+    definitions = knowledge.cards(name for name in drafted if knowledge.in_scope(name, region))
+    return Draft(kept, findings, neighbours, definitions=definitions, settings=settings)
+
+
+def _region(hits: Sequence[Hit], weights: Sequence[float]) -> str | None:
+    """The body region (``knowledge.case_region``) of more than half the weight of the ``hits`` that name one; None
+    when none names one (every entry applies), ``MIXED_REGIONS`` when they name several without such a majority (no
+    region-scoped entry applies: half the cases of the head and half of the chest are no chest cases)."""
+    shares: dict[str, float] = {}
+    for hit, weight in zip(hits, weights, strict=True):
+        region = case_region(hit.labels, hit.meta)
+        if region is not None:
+            shares[region] = shares.get(region, 0.0) + float(weight)
+    if not shares:
+        return None
+    total = sum(shares.values())
+    return next((region for region, share in shares.items() if share > total / 2), MIXED_REGIONS)
 
 
 def one_per_case(hits: Sequence[Hit]) -> tuple[list[Hit], dict[str, str]]:

@@ -17,6 +17,7 @@ Each file (``*.md``) starts with YAML front matter and may go on with free notes
     normal_compatible: false          # true: a positive does not make the study abnormal (devices)
     definition: Fluid in the pleural space.
     appearance: Blunting of the costophrenic angle, a meniscus.
+    scope: [chest]                    # body regions the definition is written for (default: any region)
     ---
     Free notes (kept as ``notes``).
 
@@ -25,6 +26,12 @@ adds a user's folder on top, where a file with the same ``name`` replaces the sh
 its ``kind``: a ``no_finding`` without ``kind: normal`` is refused);
 ``builtin=False`` uses the user's files alone. The finding vocabulary of the report labeller is the
 knowledge base's, so a new file is a new finding.
+
+``scope`` names the body regions an entry's title and definition are written for: every shipped entry is a chest
+X-ray finding (``scope: [chest]``; "Lung mass: a pulmonary opacity larger than 3 cm"). A case's region is read from
+its labels or metadata (``REGION_FIELDS``: ``body_part``, ``location_category``, ...) and compared by ``region_key``
+(lower case, a few synonyms folded: "Thorax" and DICOM's "CHEST" are ``chest``, "Brain" is ``head``), so a draft for
+cases of the head does not attach a lung definition to the "mass" their reports state (``KnowledgeBase.in_scope``).
 """
 
 from __future__ import annotations
@@ -51,7 +58,13 @@ FINDING, NORMAL = "finding", "normal"
 # (on the phantom benchmark model, image -> entry top-1 0.38 vs 0.33 with the bare phrases)
 PROMPT_TEMPLATES = ("{}.", "there is {}.", "findings: {}.", "impression: {}.")
 _KEYS = {"name", "title", "kind", "synonyms", "exclude", "signs", "labels", "normal_compatible", "definition",
-         "appearance"}
+         "appearance", "scope"}
+# label or metadata fields that name a case's body region, first found wins: the DICOM loader's Body Part Examined,
+# MedPix's location_category, and the plain names a user's table may use
+REGION_FIELDS = ("body_part", "location_category", "body_region", "region", "anatomy")
+# region names folded into one (after label_key): what a DICOM header, MedPix and a user call the same region
+_REGION_SYNONYMS = {"thorax": "chest", "thoracic": "chest", "lung": "chest", "lungs": "chest", "cxr": "chest",
+                    "chest_pulmonary": "chest", "brain": "head", "skull": "head", "abdominal": "abdomen"}
 MAX_TITLE_CHARS = 200  # a display name, shown whole in drafts and answers
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,63}\Z")
 _FRONT = re.compile(r"\A---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|\Z)(.*)\Z", re.S)
@@ -73,6 +86,7 @@ class Finding:
     labels: list[str] = field(default_factory=list)  # label columns / values meaning this finding
     kind: str = FINDING  # "finding", or "normal" for the no-finding entry
     normal_compatible: bool = False  # a positive leaves the study normal (support devices)
+    scope: list[str] = field(default_factory=list)  # body regions (region_key) it is written for; empty: any
     notes: str = ""  # free text after the front matter
     path: str | None = None  # the file it was read from
 
@@ -89,6 +103,27 @@ class Finding:
 def label_key(value: Any) -> str:
     """A label name or value in comparable form: lower case, spaces and hyphens as underscores."""
     return re.sub(r"[\s\-]+", "_", str(value).strip().lower())
+
+
+def region_key(value: Any) -> str:
+    """A body region in comparable form: ``label_key`` with a few synonyms folded ("Thorax", "LUNG" -> "chest";
+    "Brain" -> "head"), commas dropped ("Chest, Pulmonary" -> "chest_pulmonary" -> "chest")."""
+    key = label_key(str(value).replace(",", " "))
+    return _REGION_SYNONYMS.get(key, key)
+
+
+MIXED_REGIONS = ""  # cases naming several body regions, none for most of them: no region-scoped entry applies
+
+
+def case_region(*fields: dict[str, Any]) -> str | None:
+    """The body region a case's labels or metadata name (the first of ``REGION_FIELDS`` with a value, looked for in
+    each mapping in turn), as ``region_key``; None when none does."""
+    for name in REGION_FIELDS:
+        for values in fields:
+            value = values.get(name)
+            if value is not None and str(value).strip():
+                return region_key(value)
+    return None
 
 
 class KnowledgeBase:
@@ -148,9 +183,18 @@ class KnowledgeBase:
     def cards(self, names: Iterable[str]) -> list[dict[str, Any]]:
         return [self.findings[n].card() for n in names if n in self.findings]
 
-    def retrieve(self, model, query: np.ndarray | str, k: int = 3) -> list[tuple[Finding, float]]:
+    def in_scope(self, name: str, region: str | None) -> bool:
+        """Whether entry ``name`` is written for ``region`` (a ``region_key``, or ``MIXED_REGIONS`` for cases
+        naming several without a majority): True for an entry without ``scope`` and for an unknown region (None),
+        as the knowledge base has always been used; False for a scoped entry and mixed regions."""
+        scope = self.findings[name].scope
+        return region is None or not scope or region in scope
+
+    def retrieve(self, model, query: np.ndarray | str, k: int = 3,
+                 region: str | None = None) -> list[tuple[Finding, float]]:
         """The ``k`` entries whose phrases are closest to ``query`` (a text, or an image or text
-        embedding of ``model``) by cosine similarity of the model's text embeddings.
+        embedding of ``model``) by cosine similarity of the model's text embeddings; with a ``region``, among the
+        entries written for it (``in_scope``) only.
 
         An entry is embedded as the mean over its title and synonyms, each in ``PROMPT_TEMPLATES``
         (a prompt ensemble). A query text longer than the model's text tower reads is refused (an InputError:
@@ -166,8 +210,8 @@ class KnowledgeBase:
         if query.shape[0] != vectors.shape[1]:
             raise InputError(f"query vector has {query.shape[0]} values; the model embeds {vectors.shape[1]}")
         scores = vectors @ query
-        order = np.argsort(-scores, kind="stable")[:k]
         findings = list(self.findings.values())
+        order = [i for i in np.argsort(-scores, kind="stable") if self.in_scope(findings[i].name, region)][:k]
         return [(findings[i], float(scores[i])) for i in order]
 
     def check_model(self, model) -> None:
@@ -343,8 +387,8 @@ def _finding_from(path: Path, data: dict[str, Any], notes: str) -> Finding:
     return Finding(name=name, title=title or name.replace("_", " ").capitalize(),
                    synonyms=[s.lower().strip() for s in synonyms], definition=_text(path, data, "definition"),
                    appearance=_text(path, data, "appearance"), exclude=exclude, signs=signs,
-                   labels=_strings(path, data, "labels"), kind=kind, normal_compatible=compatible, notes=notes,
-                   path=str(path))
+                   labels=_strings(path, data, "labels"), kind=kind, normal_compatible=compatible,
+                   scope=[region_key(r) for r in _strings(path, data, "scope")], notes=notes, path=str(path))
 
 
 def _strings(path: Path, data: dict[str, Any], key: str) -> list[str]:
