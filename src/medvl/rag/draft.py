@@ -352,7 +352,8 @@ def draft_from_hits(hits: Sequence[Hit], labeller: ReportLabeller | None = None,
     with_report = [h for h in hits if _has_report(h)]
     weights = _weights([h.score for h in with_report])
     weight_of = dict(zip((h.id for h in with_report), weights, strict=True))
-    settings["region"] = _region(with_report, weights)
+    region = _region(with_report, weights)
+    settings["region"] = region
     neighbours = [Neighbour(h.id, round(float(h.score), 4), round(float(weight_of.get(h.id, 0.0)), 4), h.split,
                             dict(h.labels), h.id in weight_of) for h in hits]
     if not hits:
@@ -390,13 +391,13 @@ def draft_from_hits(hits: Sequence[Hit], labeller: ReportLabeller | None = None,
     for sentence in kept:
         sentence.consensus = {name: shares[name] for name in sentence.findings}
     drafted = [name for name, status in consensus.items() if status in (POSITIVE, UNCERTAIN)]
-    knowledge, region = labeller.knowledge, settings["region"]
+    knowledge = labeller.knowledge
     settings["out_of_scope"] = [name for name in drafted if not knowledge.in_scope(name, region)]
     definitions = knowledge.cards(name for name in drafted if knowledge.in_scope(name, region))
     return Draft(kept, findings, neighbours, definitions=definitions, settings=settings)
 
 
-def _region(hits: Sequence[Hit], weights: Sequence[float]) -> str | None:
+def _region(hits: Sequence[Hit], weights: np.ndarray) -> str | None:
     """The body region (``knowledge.case_region``) of more than half the weight of the ``hits`` that name one; None
     when none names one (every entry applies), ``MIXED_REGIONS`` when they name several without such a majority (no
     region-scoped entry applies: half the cases of the head and half of the chest are no chest cases)."""
