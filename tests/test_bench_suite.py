@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -1162,6 +1163,46 @@ def test_skipped_checks_are_in_results_the_summary_and_the_report_banner(two_mod
     report = (tmp_path / "out" / "report.html").read_text().replace("&#x27;", "'")
     first = report[:report.index("zero-shot on phantom")]  # the Run and Flags sections
     assert "No check flagged any model." not in report and all(line in first for line in lines)
+
+
+def test_headline_intervals_over_a_class_of_few_records_are_marked_rough_as_subgroup_rows_are(two_models,
+                                                                                            phantom_dir, tmp_path):
+    """A headline 95 % interval over a scored split holding a class of 2 records covers the true value far less
+    often than 95 %; it was printed plainly while a subgroup with the same class mix was marked ``rough``. The
+    headline rows now take the subgroup rows' rule (``eval.subgroups.rough_mark``): ``smallest_class`` and
+    ``rough`` on the row, ``rough`` in report.html and in the printed summary, with the reason."""
+    from medvl.eval.subgroups import SMALL_CLASS
+
+    test = load_dataset(phantom_dir).select("test")
+    smallest = {label: min(Counter(str(record.labels[label]) for record in test).values())
+                for label in ("finding", "no_finding")}
+    assert smallest["finding"] < SMALL_CLASS <= smallest["no_finding"]  # what the phantom's test split holds
+    tasks = [{"task": "zero-shot", "dataset": "phantom"}, {"task": "zero-shot", "dataset": "phantom",
+                                                            "label": "no_finding"}]
+    suite = write_suite(tmp_path, phantom_dir, checks=[], tasks=tasks)
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, output
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    for key, label in (("zero-shot@phantom", "finding"), ("zero-shot@phantom:no_finding", "no_finding")):
+        headline = [row for row in rows if row["key"] == key and row["metric"] in ("auc", "accuracy",
+                                                                                     "balanced_accuracy")]
+        assert len(headline) == 3
+        assert all(row["smallest_class"] == smallest[label] for row in headline), headline
+        assert all(row["rough"] is (label == "finding") for row in headline), headline
+    flat = " ".join(output.split())
+    auc = {row["key"]: row for row in rows if row["metric"] == "auc"}
+    rough, plain = auc["zero-shot@phantom"], auc["zero-shot@phantom:no_finding"]
+    assert f"alpha zero-shot@phantom auc │ {rough['value']:.3f} [{rough['low']:.3f}, {rough['high']:.3f}] rough" \
+           in flat, output
+    assert f"[{plain['low']:.3f}, {plain['high']:.3f}] │" in flat, output  # no mark
+    assert (f"rough alpha zero-shot@phantom auc: a class of its scored records has {smallest['finding']} records "
+            f"(under {SMALL_CLASS})") in flat, output
+    assert "rough alpha zero-shot@phantom:no_finding" not in flat, output
+    report = (tmp_path / "out" / "report.html").read_text()
+    rough_table = report[report.index("zero-shot on phantom (test, label finding)"):
+                         report.index("zero-shot on phantom (test, label no_finding)")]
+    plain_table = report[report.index("zero-shot on phantom (test, label no_finding)"):]
+    assert rough_table.count(">rough</span>") == 3 and ">rough</span>" not in plain_table
 
 
 @pytest.mark.parametrize("task", ["zero-shot", "linear-probe", "few-shot"])

@@ -328,6 +328,16 @@ def test_single_class_groups_have_no_auc_and_are_left_out_of_the_gap():
     assert column["worst_group"] is None and column["gap"] is None
 
 
+def test_rough_mark_counts_the_smallest_class_present_against_small_class():
+    """The one rule for a rough interval (a subgroup's rows and bench run's headline rows): the fewest records of
+    a class present, against ``SMALL_CLASS``; a class index absent from the records is no class of 0 records."""
+    from medvl.eval.subgroups import SMALL_CLASS, rough_mark
+
+    below = [0] * (SMALL_CLASS - 1) + [2] * 30  # class 1 absent
+    assert rough_mark(below) == {"smallest_class": SMALL_CLASS - 1, "rough": True}
+    assert rough_mark(np.array([0] * SMALL_CLASS + [1] * 30)) == {"smallest_class": SMALL_CLASS, "rough": False}
+
+
 def test_a_group_with_a_class_of_few_records_is_kept_marked_rough_and_left_out_of_the_gap():
     """A group of 12 records with one positive was scored as any other: its "95 %" AUC interval covers about 56 %
     of the time, yet it could be the worst group of a gap whose interval excluded 0. It is kept, marked ``rough``,

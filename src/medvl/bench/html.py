@@ -115,9 +115,20 @@ def _value(row: dict[str, Any]) -> str:
         text += f" <span class='ci spread' title='{html.escape(row['interval_kind'])}'>{html.escape(interval)}</span>"
     elif interval:
         text += f" <span class='ci'>{html.escape(interval)}</span>"
-    if row.get("rough"):  # a subgroup with a class of too few records: its interval covers less than its level
-        text += " <span class='note' title='a class of this group has too few records'>rough</span>"
+    if row.get("rough"):  # a class of too few records (a subgroup's or the scored split's): see rough_note
+        text += f" <span class='note' title='{html.escape(rough_note(row))}'>rough</span>"
     return text
+
+
+def rough_note(row: dict[str, Any]) -> str:
+    """Why a row marked ``rough`` (``eval.subgroups.rough_mark``) has a rough interval, in words (the report's
+    tooltip and the CLI summary)."""
+    from ..eval.subgroups import SMALL_CLASS
+
+    smallest = row.get("smallest_class")
+    count = f"{smallest} record{'s' * (smallest != 1)}" if isinstance(smallest, int) else "few records"
+    return (f"a class of its scored records has {count} (under {SMALL_CLASS}): its 95 % interval covers the true "
+            "value far less often than 95 %, read it as rough")
 
 
 DRAW_SPREAD = "mean ± 1.96 sd over the draws, within [0, 1]"  # a few-shot row's interval_kind (runner._linear_probe)

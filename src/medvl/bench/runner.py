@@ -829,10 +829,13 @@ def _classification_rows(ctx: _Context, y_true: np.ndarray, probabilities: np.nd
     fields of each row). Each interval takes the draws ``eval.subgroups.DRAWS`` names, as the subgroup rows do: AUC's
     stratified by class; accuracy's and balanced accuracy's plain draws over the scored records (balanced accuracy's
     without those lacking a class), as ``bench medmnist`` draws them (``medvl.eval.bootstrap``); over the
-    ``scored`` records' cases when the dataset has a resampling unit (``PreparedDataset.units``)."""
-    from ..eval.subgroups import DRAWS, accuracy, balanced_accuracy, macro_auc
+    ``scored`` records' cases when the dataset has a resampling unit (``PreparedDataset.units``). Each row carries
+    ``smallest_class`` and ``rough`` (``eval.subgroups.rough_mark``, the subgroup rows' rule): a class of fewer than
+    ``SMALL_CLASS`` scored records makes its intervals rough."""
+    from ..eval.subgroups import DRAWS, accuracy, balanced_accuracy, macro_auc, rough_mark
 
     units = ctx.data.units(scored.records)
+    extra = {**rough_mark(y_true), **extra}
     interval = ctx.bootstrap(lambda y, p: _number(macro_auc(y, p)), y_true, probabilities, **DRAWS["auc"],
                              units=units)
     ctx.row("auc", interval["value"], interval, **extra)

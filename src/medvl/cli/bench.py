@@ -60,7 +60,7 @@ def bench_run(
 
 
 def print_suite_summary(result: dict, out: Path) -> None:
-    from ..bench.html import skip_line
+    from ..bench.html import rough_note, skip_line
 
     headline = {f"{row['model']} {row['key']} {row['metric']}": _interval(row)
                 for row in _headline_rows(result["rows"])}
@@ -73,6 +73,10 @@ def print_suite_summary(result: dict, out: Path) -> None:
                                                  "seconds": result["seconds"]})
     for flag in result["flags"]:
         console.print(f"[yellow]flag[/yellow] {escape(flag)}", markup=True)
+    for row in _headline_rows(result["rows"]):
+        if row.get("rough"):  # its interval, printed above, is marked: say why
+            console.print(f"rough {escape(row['model'])} {escape(row['key'])} {escape(row['metric'])}: "
+                          f"{escape(rough_note(row))}", markup=True)
     for skip in result["skipped"]:
         console.print(f"skipped {escape(skip_line(skip))}", markup=True)
     for skip in result["skipped_metrics"]:
@@ -103,6 +107,8 @@ def _interval(row: dict) -> str:
     if row["value"] is None:
         return "-"
     interval = interval_text(row)
+    if interval and row.get("rough"):  # a class of under SMALL_CLASS scored records (said below the table)
+        interval += " rough"
     return f"{row['value']:.3f}" + (f" {interval}" if interval else "")
 
 

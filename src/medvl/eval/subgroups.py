@@ -326,17 +326,25 @@ def _group_order(name: str) -> tuple[int, str]:
     return (bands.index(name), "") if name in bands else (len(bands), name)
 
 
-SMALL_CLASS = 5  # a group's class with fewer records: its intervals cover less than their level (a few points)
+SMALL_CLASS = 5  # a class with fewer records: the intervals of its records cover less than their level
+
+
+def rough_mark(y_true: np.ndarray | Sequence[int]) -> dict[str, Any]:
+    """``smallest_class`` (the fewest records of a class present in ``y_true``, class indices) and ``rough``
+    (``smallest_class`` under ``SMALL_CLASS``): the bootstrap interval of a metric over such records covers the true
+    value far less often than its level says (about 60 % for a "95 %" interval at 12 records in 6 classes, 78 % for
+    a macro AUC over classes of 35, 3 and 2 records), so its bounds are to be read as rough. The one rule for a
+    subgroup's rows and for ``bench run``'s headline rows of a whole scored split."""
+    y = np.asarray(y_true)
+    smallest = int(np.bincount(y)[np.unique(y)].min())
+    return {"smallest_class": smallest, "rough": smallest < SMALL_CLASS}
 
 
 def _group_metrics(y: np.ndarray, scores: np.ndarray, settings: dict) -> dict:
     several = len(np.unique(y)) > 1
-    smallest = int(np.bincount(y)[np.unique(y)].min())
     return {
         "n": int(len(y)),
-        # the interval of a group with a class of 1 or 2 records covers the true value far less often than its
-        # level says (about 60 % for a "95 %" interval at 12 records in 6 classes): read its bounds as rough
-        "smallest_class": smallest, "rough": smallest < SMALL_CLASS,
+        **rough_mark(y),  # a class of 1 or 2 records: the group's intervals are rough
         "auc": bootstrap_ci(macro_auc, y, scores, **DRAWS["auc"], **settings) if several else None,
         # a one-class group's draws all hold its class: balanced accuracy is its recall, drawn plainly
         "balanced_accuracy": bootstrap_ci(balanced_accuracy, y, scores, **DRAWS["balanced_accuracy"]
