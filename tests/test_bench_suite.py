@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from cli_helpers import invoke
+from medvl.bench.html import skip_line
 from medvl.bench.suite import load_suite, shipped_suites
 from medvl.data import load_dataset
 from medvl.errors import InputError
@@ -1205,6 +1206,46 @@ def test_headline_intervals_over_a_class_of_few_records_are_marked_rough_as_subg
     assert rough_table.count(">rough</span>") == 3 and ">rough</span>" not in plain_table
 
 
+def test_a_subgroup_column_scored_in_part_is_partly_scored_not_a_check_that_did_not_run(two_models, phantom_dir,
+                                                                                       tmp_path):
+    """A subgroup column that scored its large groups and left a small one out was counted and headed as a check
+    that "did not run ... so they did not pass either". It ran: results.json keeps its entry under ``skipped`` with
+    ``partly_scored`` true, the summary counts it apart and the report lists it as partly scored; a column no scored
+    record fills (no rows) still did not run."""
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    with (data / "manifest.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        row["ward"] = "" if row["split"] == "test" else "W1"  # no scored record has a ward
+    with (data / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    sexes = Counter(row["sex"] for row in rows if row["split"] == "test")
+    assert min(sexes.values()) < 10 <= max(sexes.values())  # one sex scored, the other too small
+    spec = {"path": str(data), "split": "test", "label": "no_finding", "subgroups": ["sex", "ward"]}
+    suite = write_suite(tmp_path, data, datasets={"phantom": spec}, checks=["subgroups"],
+                        tasks=[{"task": "zero-shot", "dataset": "phantom"}])
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, output
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert any(row["metric"].startswith("subgroup sex=") for row in results["rows"])  # the column was scored
+    assert [(skip["check"], skip["partly_scored"]) for skip in results["skipped"]] == [
+        ("subgroups: ward", False), ("subgroups: sex", True)]
+    ward, sex = (skip_line(skip) for skip in results["skipped"])
+    assert "1 value under 10 records not scored" in sex  # what it left out
+    flat = " ".join(output.split())
+    assert "skipped checks │ 1" in flat and "partly scored checks │ 1" in flat, output
+    assert f"skipped {ward}" in flat and f"partly scored {sex}" in flat and f"skipped {sex}" not in flat, output
+    report = html.unescape((tmp_path / "out" / "report.html").read_text())
+    flags = report[report.index("<h2>Flags</h2>"):report.index("zero-shot on phantom")]
+    assert ("No check that ran flagged any model; 1 did not run (below), so they did not pass either; 1 check was "
+            "partly scored (below): what it left out was not checked.") in flags
+    not_run, partly = flags.split("Partly scored:")
+    assert ward in not_run.split("Not run:")[1] and sex in partly and sex not in not_run
+
+
 @pytest.mark.parametrize("task", ["zero-shot", "linear-probe", "few-shot"])
 def test_a_scored_split_of_one_class_is_refused_before_any_work(task, two_models, phantom_dir, tmp_path):
     """AUC, the headline row with its interval, needs two classes: a scored split holding one class of the label
@@ -1313,6 +1354,10 @@ def test_subgroups_report_each_metric_per_group_and_name_what_they_could_not_sco
     assert rough in skipped["subgroups: desk"] and "P" not in skipped["subgroups: desk"].replace(rough, "")
     assert rough in report and ">rough</span>" in report
     assert skipped["subgroups: ward"] == f"none of the {len(test)} scored records has a value"
+    # site and desk scored some groups (rows): partly scored; age and ward none: they did not run
+    partly = {skip["check"]: skip["partly_scored"] for skip in results["skipped"]}
+    assert partly["subgroups: site"] and partly["subgroups: desk"]
+    assert not partly["subgroups: age"] and not partly["subgroups: ward"]
 
 
 def test_a_shortcut_phantom_given_as_its_manifest_file_gets_the_same_checks_as_its_folder(two_models, tmp_path):

@@ -51,7 +51,9 @@ def write_suite_report(path: Path, suite, results: dict[str, Any], cells: Sequen
                                  f"data-plot='{html.escape(plot_id)}' alt='{html.escape(plot_id)}' "
                                  f"src='{figure_to_data_uri(figure)}'>")
                     plots.append(plot_id)
-        for title, name in (("Skipped", "skipped"), ("Not scored", "skipped_metrics")):  # checks, then task figures
+        # checks not run, checks run on part of the data, then task figures
+        for title, name in (("Skipped", "skipped"), ("Partly scored", "partly_scored"),
+                            ("Not scored", "skipped_metrics")):
             skipped = [f"{cell['model']}: {what}: {reason}"
                        for cell in task_cells for what, reason in cell[name].items()]
             if skipped:
@@ -74,18 +76,26 @@ def _run_table(suite, results: dict[str, Any]) -> str:
     return f"<table><tr><th>what</th><th>value</th></tr>{body}</table>"
 
 
-def _flags(flags: list[str], skipped: list[dict[str, str]]) -> str:
-    """The flags, then the checks that did not run: "no flag" is a pass only of the checks that ran."""
+def _flags(flags: list[str], skipped: list[dict[str, Any]]) -> str:
+    """The flags, then the checks that did not run: "no flag" is a pass only of the checks that ran; then the
+    checks that ran on part of the data (``partly_scored``): a pass of what they scored only."""
+    not_run = [skip for skip in skipped if not skip.get("partly_scored")]
+    partly = [skip for skip in skipped if skip.get("partly_scored")]
+    left_out = (f"{len(partly)} {'check was' if len(partly) == 1 else 'checks were'} partly scored (below): what "
+                f"{'it' if len(partly) == 1 else 'they'} left out was not checked.")
     if flags:
         text = "<ul class='flags'>" + "".join(f"<li>{html.escape(flag)}</li>" for flag in flags) + "</ul>"
-    elif skipped:
-        text = (f"<p class='note'>No check that ran flagged any model; {len(skipped)} did not run (below), so "
-                "they did not pass either.</p>")
+    elif not_run:
+        text = (f"<p class='note'>No check that ran flagged any model; {len(not_run)} did not run (below), so "
+                "they did not pass either" + (f"; {left_out}" if partly else ".") + "</p>")
+    elif partly:
+        text = f"<p class='note'>No check flagged any model; {left_out}</p>"
     else:
         return "<p class='ok'>No check flagged any model.</p>"
-    if skipped:
-        text += "<p class='note'>Not run:</p><ul class='skipped'>" + "".join(
-            f"<li>{html.escape(skip_line(skip))}</li>" for skip in skipped) + "</ul>"
+    for title, entries in (("Not run", not_run), ("Partly scored", partly)):
+        if entries:
+            text += f"<p class='note'>{title}:</p><ul class='skipped'>" + "".join(
+                f"<li>{html.escape(skip_line(skip))}</li>" for skip in entries) + "</ul>"
     return text
 
 

@@ -8,7 +8,9 @@ Layout of the output folder::
     data/NAME.generate.json  the generate settings data/NAME was made with (other settings: generated again)
     cells/*.json      one finished cell each (written atomically): its rows, plots, flags and fingerprint
     results.json      every row of every cell (one row per model x task x dataset x metric), the flags,
-                      ``skipped``: every check (or part of one) a cell did not run, with the reason, and
+                      ``skipped``: every check (or part of one) a cell did not run, and every check it ran on
+                      part of the scored data only (``partly_scored`` true: a subgroup column with some groups
+                      scored), with the reason, and
                       ``skipped_metrics``: every figure a task asked for but could not score (a few-shot count a
                       class cannot fill), with the reason: not a check
     report.html       tables and plots, the models side by side
@@ -540,11 +542,14 @@ def run_suite(suite: SuiteSpec, models: list[str | Path], out: str | Path, *, sh
     return results
 
 
-def skipped_checks(cells: Iterable[dict[str, Any]]) -> list[dict[str, str]]:
-    """Every check (or part of one: ``sanity: blank_image``) a cell did not run: ``model``, ``key``, ``check``
-    and ``reason``, in cell order; a run with no flag and skipped checks did not pass them."""
-    return [{"model": cell["model"], "key": cell["key"], "check": check, "reason": reason}
-            for cell in cells for check, reason in cell["skipped"].items()]
+def skipped_checks(cells: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every check (or part of one: ``sanity: blank_image``) a cell did not run, then every check it ran on part
+    of the scored data only (``subgroups: sex``, with records without a value): ``model``, ``key``, ``check``,
+    ``reason`` and ``partly_scored`` (False: it produced no rows; True: it did, and the reason says what it left
+    out), in cell order; a run with no flag and checks not run did not pass them."""
+    return [{"model": cell["model"], "key": cell["key"], "check": check, "reason": reason, "partly_scored": partly}
+            for cell in cells for partly, entries in ((False, cell["skipped"]), (True, cell["partly_scored"]))
+            for check, reason in entries.items()]
 
 
 def skipped_metrics(cells: Iterable[dict[str, Any]]) -> list[dict[str, str]]:
@@ -711,7 +716,7 @@ def _cell(suite: SuiteSpec, task: TaskSpec, datasets: dict[str, PreparedDataset]
     cell = {**identity, "label": context.label_column, "fingerprint": fingerprint,
             "fingerprint_parts": parts,
             "rows": context.rows, "plots": context.plots, "flags": context.flags, "skipped": context.skipped,
-            "skipped_metrics": context.skipped_metrics,
+            "partly_scored": context.partly_scored, "skipped_metrics": context.skipped_metrics,
             "seconds": round(time.perf_counter() - started, 1)}
     write_json(path, cell)
     return cell, True
@@ -731,7 +736,7 @@ def _cell_damage(cell: dict[str, Any], identity: dict[str, Any]) -> str | None:
         return "rows of another cell"
     if not isinstance(flags, list) or not all(isinstance(flag, str) for flag in flags):
         return "flags"
-    for name in ("skipped", "skipped_metrics"):
+    for name in ("skipped", "partly_scored", "skipped_metrics"):
         entries = cell.get(name)
         if not isinstance(entries, dict) or not all(isinstance(reason, str) for reason in entries.values()):
             return name
@@ -753,7 +758,8 @@ def _is_row(row: Any) -> bool:
 @dataclass
 class _Context:
     """What a task runner needs, and what it records: rows (metric values with intervals), plot data,
-    flags (a check that failed), skipped checks and metrics of the task it could not score (with the reason)."""
+    flags (a check that failed), checks it did not run, checks it ran on part of the data only and metrics of the
+    task it could not score (each with the reason)."""
 
     suite: SuiteSpec
     task: TaskSpec
@@ -766,7 +772,9 @@ class _Context:
     rows: list[dict[str, Any]] = field(default_factory=list)
     plots: dict[str, Any] = field(default_factory=dict)
     flags: list[str] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # a check (or part of one) that produced no rows
+    # a check that produced rows but left some records or groups out (what, in words): it ran, on part of the data
+    partly_scored: dict[str, str] = field(default_factory=dict)
     skipped_metrics: dict[str, str] = field(default_factory=dict)  # a task setting not scored: not a check
     cache: dict[str, Any] = field(default_factory=dict)  # what two checks share (the phantom twins)
 
@@ -1174,7 +1182,9 @@ def _check_subgroups(ctx: _Context, scored: _Scored) -> None:
             ctx.row(f"subgroup {column}: worst-group auc gap", gap["value"], gap, worst=block.get("worst_group"))
         unscored = _unscored_groups(block, result["n"], result["min_size"],
                                     unreadable_ages(scored.dataset.records, column), ctx.data.group_column)
-        if unscored:
+        if unscored and block["groups"]:  # some groups scored, with their rows: the column ran on part of the data
+            ctx.partly_scored[f"subgroups: {column}"] = unscored
+        elif unscored:  # no group large enough: no row, the column did not run
             ctx.skipped[f"subgroups: {column}"] = unscored
     ctx.plots["subgroups"] = result["columns"]
 

@@ -65,11 +65,14 @@ def print_suite_summary(result: dict, out: Path) -> None:
     headline = {f"{row['model']} {row['key']} {row['metric']}": _interval(row)
                 for row in _headline_rows(result["rows"])}
     cells = result["cells"]
-    # figures a task could not score (a shot count a class cannot fill) are not checks: counted apart, when any
-    unscored = {"skipped metrics": len(result["skipped_metrics"])} if result["skipped_metrics"] else {}
+    # checks that ran on part of the data (rows, but some records or groups left out) did run: counted apart
+    not_run = [skip for skip in result["skipped"] if not skip.get("partly_scored")]
+    partly = [skip for skip in result["skipped"] if skip.get("partly_scored")]
+    counts = {"skipped checks": len(not_run), **({"partly scored checks": len(partly)} if partly else {}),
+              # figures a task could not score (a shot count a class cannot fill) are not checks: counted apart
+              **({"skipped metrics": len(result["skipped_metrics"])} if result["skipped_metrics"] else {})}
     print_metrics(f"medvl bench {result['suite']}: {cells['total']} cells ({cells['computed']} computed, "
-                  f"{cells['reused']} reused)", {**headline, "flags": len(result["flags"]),
-                                                 "skipped checks": len(result["skipped"]), **unscored,
+                  f"{cells['reused']} reused)", {**headline, "flags": len(result["flags"]), **counts,
                                                  "seconds": result["seconds"]})
     for flag in result["flags"]:
         console.print(f"[yellow]flag[/yellow] {escape(flag)}", markup=True)
@@ -77,8 +80,10 @@ def print_suite_summary(result: dict, out: Path) -> None:
         if row.get("rough"):  # its interval, printed above, is marked: say why
             console.print(f"rough {escape(row['model'])} {escape(row['key'])} {escape(row['metric'])}: "
                           f"{escape(rough_note(row))}", markup=True)
-    for skip in result["skipped"]:
+    for skip in not_run:
         console.print(f"skipped {escape(skip_line(skip))}", markup=True)
+    for skip in partly:
+        console.print(f"partly scored {escape(skip_line(skip))}", markup=True)
     for skip in result["skipped_metrics"]:
         console.print(f"skipped metric {escape(skip_line(skip))}", markup=True)
     console.print(f"wrote {out / 'results.json'} and {out / 'report.html'}")
