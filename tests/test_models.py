@@ -366,6 +366,20 @@ def test_a_damaged_model_folder_is_one_line_naming_the_file_in_the_api_and_the_c
     assert [line for line in output.splitlines() if line.startswith("error:")][0] == f"error: {caught.value}"
 
 
+def test_a_missing_meta_json_of_a_model_with_heads_is_named_not_blamed_on_the_weights(tmp_path):
+    """The weights of a model with a supervised head are whole without meta.json, which names the head's classes:
+    the error names the missing file, not "model.safetensors does not match the architecture"."""
+    folder = tmp_path / "m"
+    model = medvl.create_model("phantom-tiny", **{"image.image_size": 32})
+    model.add_head("diagnosis", ["melanoma", "nevus"])
+    model.save_pretrained(folder)
+    assert medvl.load_model(folder).meta["heads"] == {"diagnosis": ["melanoma", "nevus"]}
+    (folder / "meta.json").unlink()
+    with pytest.raises(ModelError, match=re.escape(f"{folder}: meta.json is missing, and model.safetensors holds "
+                                                   "parts only it describes (2 tensor(s), first: heads.diagnosis.")):
+        medvl.load_model(folder)
+
+
 @pytest.mark.parametrize("model, overrides, message", [
     ("vit-tiny", {"image.image_size": 32, "image.patch_size": 8, "image.num_heads": 5},
      "image.hidden_size 64 must be a multiple of image.num_heads 5 for a vit"),

@@ -239,6 +239,11 @@ class DualEncoder(nn.Module):
         # a model saved before any training (create_model, save_pretrained) holds the bootstrap vocabulary and
         # random embeddings: its first training learns the vocabulary, as a fresh model's does
         model.text_encoder.vocabulary_fixed = "training" in meta or CHECKPOINT_STEP in meta
+        described = [name for name in state if name.startswith(("heads.", "view_projection."))]
+        if described and not (directory / META_FILE).exists():  # the weights are whole: the file naming them is gone
+            raise ModelError(f"{directory}: {META_FILE} is missing, and {WEIGHTS_FILE} holds parts only it describes "
+                             f"({len(described)} tensor(s), first: {described[0]}: a supervised head's classes or a "
+                             "view projection); restore it from the model's folder or checkpoint")
         load_weights(model, state, directory)
         model.ood = matching_guard(OODGuard.load(directory), model, directory) if load_guard else None
         model.origin = {"model": str(directory.resolve())}
