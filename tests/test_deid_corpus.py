@@ -924,6 +924,70 @@ def test_the_final_scan_searches_a_patients_common_word_name_alone_in_typed_text
     assert not out.exists()
 
 
+@pytest.mark.parametrize(("name", "values"), [
+    ("HU^JUN", {"RescaleType": "HU"}),  # LO, a defined term: Hounsfield units (the probe's case)
+    ("OD^MEI", {"ModalityLUTType": "OD"}),
+    ("LIN^WEI", {"PixelIntensityRelationship": "LIN"}),  # CS: every CR / DX image of a patient called Lin
+    ("RAN^WEI", {"CorrectedImage": ["DECY", "RAN"]}),
+    ("HU^JUN", {"ImageType": ["ORIGINAL", "PRIMARY", "HU"]}),
+    ("COPPER^JOHN", {"FilterMaterial": "COPPER"}),  # 6+ letters: the encoded header's byte search too
+])
+def test_a_coded_value_that_spells_a_name_part_is_no_surviving_name(name, values, tmp_path):
+    """A code (a CS value, a defined term of Rescale Type) that one of the patient's name parts spells was taken
+    for the name: the file of every patient called Hu, Lin or Copper was refused (`medvl deid`, every service
+    upload route). The file is written with the code kept."""
+    ds = base_dataset()
+    ds.PatientName = name
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    out, error = run_api(ds, tmp_path)
+    assert error is None, error
+    written = pydicom.dcmread(out)
+    for keyword, value in values.items():
+        assert written.get(keyword) == value
+
+
+@pytest.mark.parametrize(("name", "values", "element", "clean"), [
+    ("SMITH^JOHN", {"RescaleType": "SMITH"}, "RescaleType", True),  # not one of Rescale Type's defined terms
+    ("HU^JUN", {"ImageType": ["ORIGINAL", "PRIMARY", "HU JUN"]}, "ImageType", True),  # two parts in a code string
+    ("HU^JUN", {"ImageType": ["ORIGINAL", "PRIMARY", "HUJUN"]}, "ImageType", True),  # glued
+    ("HU^JUN", {"BodyPartExamined": "HU"}, "BodyPartExamined", False),  # a CS people type: alone too
+    ("HU^JUN", {"ConvolutionKernel": "HU"}, "ConvolutionKernel", True),  # SH: no code string
+    ("HU^JUN", {"SoftwareVersions": "v2 HU"}, "SoftwareVersions", True),
+])
+def test_a_name_in_a_coded_attribute_or_other_text_is_still_refused(name, values, element, clean, tmp_path):
+    ds = base_dataset()
+    ds.PatientName = name
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    out, error = run_api(ds, tmp_path, clean_descriptors=clean)
+    assert isinstance(error, DataError) and f"name survived de-identification in {element};" in str(error)
+    assert not out.exists()
+
+
+def test_the_final_scan_tells_a_code_from_the_name_in_text_pn_and_private_elements():
+    """``find_leak`` on values as they would stand after de-identification: the surname Hu in a Rescale Type of
+    Hounsfield units is no leak, while in a description, a comment, a person name or a private tag it is."""
+    from medvl.clinical.descriptors import typed_keywords
+    from medvl.clinical.identifiers import find_leak
+
+    found = identifiers_of("HU^JUN")
+
+    def leak(plant) -> tuple[str, str] | None:
+        ds = Dataset()
+        ds.RescaleType, ds.PixelIntensityRelationship = "HU", "LIN"
+        plant(ds)
+        return find_leak(ds, found, typed_keywords())
+
+    assert leak(lambda ds: None) is None
+    assert leak(lambda ds: setattr(ds, "SeriesDescription", "CT HU")) == ("SeriesDescription", "name")
+    assert leak(lambda ds: setattr(ds, "ImageComments", "seen by Hu")) == ("ImageComments", "name")
+    assert leak(lambda ds: setattr(ds, "OperatorsName", "Hu^Li")) == ("OperatorsName", "name")
+    assert leak(lambda ds: ds.private_block(0x0009, "MEDVL", create=True).add_new(0x01, "LO", "HU")) == \
+        ("(0009,1001)", "name")
+    assert leak(lambda ds: setattr(ds, "RescaleType", "HU JUN")) == ("RescaleType", "name")
+
+
 @pytest.mark.parametrize(("value", "vr", "plain"), [
     ("CT CHEST W/O CONTRAST", "LO", True), ("AX T1 POST 2.5 MM", "LO", True), ("LightSpeed VCT", "LO", True),
     ("CHEST", "CS", True), ("WHOLE BODY", "CS", True), ("", "LO", True),

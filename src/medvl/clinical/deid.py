@@ -95,7 +95,15 @@ from .dicom import (
     transfer_syntax,
 )
 from .formats import INSTALL_HINT
-from .identifiers import CHARACTER_VRS, SCAN_RULES, Identifiers, collect_identifiers, drop_name_parts, find_leak
+from .identifiers import (
+    CHARACTER_VRS,
+    SCAN_RULES,
+    Identifiers,
+    collect_identifiers,
+    drop_name_parts,
+    find_leak,
+    is_code,
+)
 from .profile import DICOGNITO_IDS, apply_profile, apply_to_file_meta
 
 log = logging.getLogger(__name__)
@@ -122,6 +130,18 @@ OFFSET_DAYS = (62, 730)  # the range of a run's date shift (back), in whole days
 # a seed would give other dates. medvl before 2026-12-07 wrote none: dicognito's seeded number of hours.
 DATE_SHIFT = "whole days from the seed, v1"
 _UTC_OFFSET = re.compile(r"[+-]\d{4}$")  # a DT value's &ZZXX suffix
+
+
+class IdentifierSurvived(DataError):
+    """The final scan found an identifier in the de-identified file: ``what`` kind (``the patient's name``...)
+    and ``where`` (the element's path, or ``the encoded header``), never the value; nothing was written."""
+
+    def __init__(self, path: str | Path | None, what: str, where: str):
+        super().__init__(path, f"{what} survived de-identification in {where}; nothing was written")
+        self.what, self.where = what, where
+
+    def __reduce__(self):
+        return type(self), (self.path, self.what, self.where)
 
 
 def _require_dicognito():
@@ -385,15 +405,28 @@ def _encode(ds, path: Path | str) -> bytes:
 
 
 def _header_bytes(ds, path: Path | str) -> bytes:
-    """The encoded file without its pixel data (pixels are not searched: chance matches)."""
-    from pydicom.dataset import Dataset
-
-    header = Dataset()
-    for element in ds:
-        if element.keyword not in PIXEL_KEYWORDS:
-            header.add(element)
+    """The encoded file without its pixel data (pixels are not searched: chance matches) and without its coded
+    values (``identifiers.is_code``: a Filter Material ``COPPER`` is no name, whoever the patient is; the element
+    scan searched them by its own rule)."""
+    header = _without_codes(ds, typed_keywords())
     header.file_meta, header.preamble = ds.file_meta, ds.preamble
     return _save(header, path, "header")
+
+
+def _without_codes(dataset, typed: frozenset[str]):
+    """A copy of ``dataset`` (sequence items too) without pixel data and coded values (Specific Character Set
+    kept: the text is encoded as the file encodes it)."""
+    from pydicom.dataelem import DataElement
+    from pydicom.dataset import Dataset
+
+    kept = Dataset()
+    for element in dataset:
+        if element.keyword in PIXEL_KEYWORDS or (is_code(element, typed) and element.keyword != "SpecificCharacterSet"):
+            continue
+        if element.VR == "SQ":
+            element = DataElement(element.tag, "SQ", [_without_codes(item, typed) for item in element.value or []])
+        kept.add(element)
+    return kept
 
 
 def _full_snapshot(ds) -> dict[str, Any]:
@@ -409,10 +442,9 @@ def _check_nothing_survived(ds, identifiers: Identifiers, path: Path | str) -> N
     if leak is not None:
         element, kind = leak
         what = "an original UID (study, series, instance...)" if kind == "UID" else f"the patient's {kind}"
-        raise DataError(path, f"{what} survived de-identification in {element}; nothing was written")
+        raise IdentifierSurvived(path, what, element)
     if identifiers.kind_in(_header_bytes(ds, path).decode("latin-1"), *HEADER_SCAN) is not None:
-        raise DataError(path, "a patient identifier survived de-identification in the encoded header; "
-                              "nothing was written")
+        raise IdentifierSurvived(path, "a patient identifier", "the encoded header")
 
 
 def deidentify_dataset(ds, anonymizer, path: Path | str, clean_descriptors: bool = True,

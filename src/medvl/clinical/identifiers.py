@@ -62,12 +62,19 @@ name part in them is found anywhere, as a substring (``山田太郎`` in ``山�
 
 ``find_leak(ds)`` scans every element after de-identification: the file meta, the data set and
 every sequence item. Character VRs (AE AS CS DA DT LO LT PN SH ST UC UR UT) are searched for every
-identifier, the original UIDs included; UIDs (UI) for IDs of 6+ characters, dates and the original
-UIDs (shorter IDs would match UID components); numbers and times (IS DS TM) for dates only (a
-numeric ID cannot be told from a number there); byte VRs that may hold text (OB UN, never the pixel
-data) for identifiers of 4+ characters and UIDs, their bytes read as latin-1, UTF-8 and UTF-16 of
-either byte order (``byte_text``). It returns the element's path and the kind of identifier, never
-the value. The identifiers only live in memory while a file is processed; they are never logged.
+identifier, the original UIDs included, but for names in coded values (``is_code``): a Code String (CS,
+"a controlled concept" in PS3.5: Pixel Intensity Relationship ``LIN``, Filter Material ``COPPER``...; but
+not the CS descriptors people type, Body Part Examined, in ``typed``) and the value of an attribute of
+another VR that is one of its defined terms (``DEFINED_TERMS``: Rescale Type ``HU``, ``US``, ``OD``) spell a
+name part by chance: a patient called Hu, Lin or Copper has them in files that hold no name. Names are
+searched there only glued (``HUJUN``) or as two different parts of the name in one element (``LI WU``): a
+name typed into a code string; IDs, dates and UIDs as anywhere. UIDs (UI) are searched for IDs of 6+
+characters, dates and the original UIDs (shorter IDs would match UID components); numbers and times
+(IS DS TM) for dates only (a numeric ID cannot be told from a number there); byte VRs that may
+hold text (OB UN, never the pixel data) for identifiers of 4+ characters and UIDs, their bytes read
+as latin-1, UTF-8 and UTF-16 of either byte order (``byte_text``). It returns the element's path and
+the kind of identifier, never the value. The identifiers only live in memory while a file is
+processed; they are never logged.
 """
 
 from __future__ import annotations
@@ -131,8 +138,17 @@ UNSPACED_SCRIPTS = ("\u0e00-\u0eff\u1000-\u109f\u1100-\u11ff\u1780-\u17ff\u3040-
 _UNSPACED = re.compile(f"[{UNSPACED_SCRIPTS}]")
 
 
-KIND_NAMES = {"name": "name", "common_name": "name", "id": "ID", "spaced_id": "ID", "request_id": "request ID",
-              "spaced_request_id": "request ID", "date": "date", "uid": "UID"}
+KIND_NAMES = {"name": "name", "common_name": "name", "glued": "name", "part": "name", "id": "ID", "spaced_id": "ID",
+              "request_id": "request ID", "spaced_request_id": "request ID", "date": "date", "uid": "UID"}
+# Kinds searched only when asked for by name (``find_leak``'s coded values): the glued forms of the names, and
+# every single name part (common words included), counted apart (``Identifiers.name_in_code``).
+GLUED, PART = "glued", "part"
+CODE_VRS = frozenset({"CS"})  # a Code String holds codes ("a controlled concept", PS3.5 Table 6.2-1)
+# Attributes of another VR whose values are mostly the standard's defined terms: such a value is a code. PS3.3
+# C.11.1.1.2 (Modality LUT and Rescale Type; both LO): thousands of optical density, Hounsfield units, unspecified,
+# mg/ml, effective atomic number, electron density (and normalised to water), modified HU, percentage.
+_RESCALE_TYPES = frozenset({"od", "hu", "us", "mgml", "z_eff", "ed", "edw", "hu_mod", "pct"})
+DEFINED_TERMS: dict[str, frozenset[str]] = {"RescaleType": _RESCALE_TYPES, "ModalityLUTType": _RESCALE_TYPES}
 # The kind searched, besides a VR's own, in the free text people type (``find_leak``'s ``typed``): the
 # patient's name parts that are common technical words (``Identifiers.common_names``), alone.
 COMMON_NAME = "common_name"
@@ -276,6 +292,8 @@ class Identifiers:
 
     names: set[str] = field(default_factory=set)  # name parts, and parts glued (see the module docstring)
     common_names: set[str] = field(default_factory=set)  # name parts that are common words (typed text only)
+    glued: set[str] = field(default_factory=set)  # the glued forms of ``names`` alone (searched in coded values)
+    parts: set[str] = field(default_factory=set)  # every single name part, common words included (coded values)
     ids: set[str] = field(default_factory=set)  # as written, and the digit runs of alphanumeric IDs
     request_ids: set[str] = field(default_factory=set)  # accession numbers, study IDs...: the same forms
     dates: set[str] = field(default_factory=set)  # YYYYMMDD
@@ -289,11 +307,11 @@ class Identifiers:
         key = (min_length, kinds)
         if key not in self._compiled:
             groups = []
-            for kind, values in (("name", self.names), (COMMON_NAME, self.common_names), ("id", self.ids),
-                                 ("request_id", self.request_ids)):
+            for kind, values in (("name", self.names), (COMMON_NAME, self.common_names), (GLUED, self.glued),
+                                 (PART, self.parts), ("id", self.ids), ("request_id", self.request_ids)):
                 chosen = sorted((v for v in values if len(v) >= min_length), key=len, reverse=True)
                 if chosen and kind.removeprefix("request_") in kinds:
-                    named = kind in ("name", COMMON_NAME)
+                    named = kind in ("name", COMMON_NAME, GLUED, PART)
                     edged = (_edges(v, alphanumeric=named and len(v) < SHORT_NAME) for v in chosen)
                     groups.append(f"(?P<{kind}>" + "|".join(edged) + ")")
             for kind, values in (("spaced_id", self.ids), ("spaced_request_id", self.request_ids)):
@@ -321,6 +339,16 @@ class Identifiers:
     def found_in(self, text: str) -> bool:
         return self.kind_in(text) is not None
 
+    def name_in_code(self, text: str, min_length: int = 2) -> bool:
+        """Whether a coded value (``is_code``) holds the patient's name: one of its glued forms (``HUJUN``), or
+        two different parts of it (``LI WU``). One part alone is a code the name happens to spell (``HU``)."""
+        glued = self.pattern(min_length, frozenset({GLUED}))
+        folded = fold(text) if text else ""
+        if glued is not None and glued.search(folded):
+            return True
+        parts = self.pattern(min_length, frozenset({PART}))
+        return parts is not None and len({match.group() for match in parts.finditer(folded)}) >= 2
+
 
 def _values(value: Any) -> list[Any]:
     from pydicom.multival import MultiValue
@@ -343,8 +371,10 @@ def _add_names(found: Identifiers, values: list[str], common_words: frozenset[st
     units = parts + [whole for _, value_wholes in glued for whole in value_wholes]
     found.names.update(part for part in parts if part not in common_words)
     found.common_names.update(part for part in parts if part in common_words)
-    found.names.update(run for run in runs if len(run) >= GLUED_MIN)
-    found.names.update(a + b for a in units for b in units)  # glued, either order (and a part twice)
+    found.parts.update(parts)
+    found.glued.update(run for run in runs if len(run) >= GLUED_MIN)
+    found.glued.update(a + b for a in units for b in units)  # glued, either order (and a part twice)
+    found.names.update(found.glued)
 
 
 def _id_forms(value: str) -> list[str]:
@@ -444,22 +474,46 @@ def _walk(dataset, prefix: str) -> Iterator[tuple[str, Any]]:
                 yield from _walk(item, f"{path}[{index}]>")
 
 
+def is_code(element, typed: frozenset[str] = frozenset()) -> bool:
+    """Whether an element holds a coded value: a Code String (CS) other than those people type (``typed``:
+    Body Part Examined...), or a value that is one of its attribute's ``DEFINED_TERMS`` (Rescale Type ``HU``)."""
+    if element.VR in CODE_VRS:
+        return element.keyword not in typed
+    terms = DEFINED_TERMS.get(element.keyword)
+    values = [fold(str(value or "")).strip() for value in _values(element.value)]
+    return terms is not None and all(value in terms for value in values)
+
+
+def _leak_in(element, identifiers: Identifiers, typed: frozenset[str]) -> str | None:
+    """The kind of identifier an element holds, if any (``find_leak``'s rules)."""
+    searchable = _searchable(element)
+    if searchable is None:
+        return None
+    text, min_length, kinds = searchable
+    coded = "name" in kinds and is_code(element, typed)
+    if coded:  # a name part alone in a code is chance (see the module docstring)
+        kinds = kinds - {"name"}
+    elif element.keyword in typed and "name" in kinds:
+        kinds = kinds | {COMMON_NAME}
+    kind = identifiers.kind_in(text, min_length, kinds)
+    if kind is None and coded and identifiers.name_in_code(text, min_length):
+        return "name"
+    return kind
+
+
 def find_leak(ds, identifiers: Identifiers, typed: frozenset[str] = frozenset()) -> tuple[str, str] | None:
     """(element path, kind) of the first element still holding an identifier, else ``None``. In the
     elements named in ``typed`` (keywords of free text people type: descriptions, protocol names,
     comments) the patient's name parts that are common words (``Identifiers.common_names``) are
-    searched alone too: a word the patient is called is no technical word in that patient's file."""
+    searched alone too: a word the patient is called is no technical word in that patient's file. In
+    coded values (``is_code``: Code Strings but those in ``typed``, defined terms) names are searched only
+    glued or as two parts of the name (``Identifiers.name_in_code``)."""
     for dataset in _datasets(ds):
         prefix = "file meta>" if dataset is not ds else ""
         for path, element in _walk(dataset, prefix):
-            searchable = _searchable(element)
-            if searchable is not None:
-                text, min_length, kinds = searchable
-                if element.keyword in typed and "name" in kinds:
-                    kinds = kinds | {COMMON_NAME}
-                kind = identifiers.kind_in(text, min_length, kinds)
-                if kind is not None:
-                    return path, kind
+            kind = _leak_in(element, identifiers, typed)
+            if kind is not None:
+                return path, kind
     return None
 
 

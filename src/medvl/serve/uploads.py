@@ -220,12 +220,16 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def _deidentified(raw: Path) -> Path:
-    """The de-identified copy of an uploaded DICOM; the original is deleted first thing after."""
-    from ..clinical.deid import deidentify
+    """The de-identified copy of an uploaded DICOM; the original is deleted first thing after. An upload whose
+    identifiers the final scan still finds is refused (422), in the words of a request, not of a file run."""
+    from ..clinical.deid import IdentifierSurvived, deidentify
 
     clean = raw.with_name("deidentified.dcm")
     try:
         deidentify(raw, clean)
+    except IdentifierSurvived as error:
+        raise UploadRejected(422, f"this DICOM upload was refused: after de-identification {error.what} still "
+                                  f"appears in {error.where}") from None
     finally:
         raw.unlink(missing_ok=True)
     return clean
