@@ -1363,6 +1363,34 @@ def test_yaml_class_names_are_read_as_written_and_training_warns_of_undescribed_
             "captions are the bare class names") in " ".join((output + caplog.text).split())
 
 
+def _alias_bomb(levels: int) -> str:
+    """YAML of ``levels`` anchors, each a list of ten aliases of the one before: 10 ** levels strings once expanded,
+    in a few hundred bytes ("billion laughs")."""
+    lines = ["l0: &l0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def test_the_repeated_key_walk_reads_shared_values_once_and_refuses_a_value_holding_itself(tmp_path):
+    """The walk behind every JSON / YAML side file (caption configs, JSONL rows, question files, dataset.json)
+    recursed two Python frames a level, without a check for a value holding itself, and walked a value held in n
+    places n times: 10 ** 9 visits for the aliases of a 511-byte YAML file."""
+    import yaml
+
+    from medvl.data.loaders.manifest import MAX_NESTING, parse_json, repeated_key
+
+    source = tmp_path / "side.yaml"
+    assert repeated_key(source, yaml.safe_load(_alias_bomb(9))) is None  # 9 distinct lists, walked once each
+    with pytest.raises(DataError, match=re.escape(f"{source}: an array or object holds itself")):
+        repeated_key(source, yaml.safe_load("a: &a [*a]\n"))
+    deepest = '{"a": ' + "[" * (MAX_NESTING - 2) + '{"k": 1, "k": 2}' + "]" * (MAX_NESTING - 2) + "}"
+    assert repeated_key(source, parse_json(deepest)) == "k"  # 100 levels (an object, 98 arrays, an object) are read
+    with pytest.raises(DataError, match=re.escape(f"{source}: line 7: nested too deeply (more than 100 levels")):
+        repeated_key(source, parse_json("[" + deepest + "]"), where="line 7: ")
+    shared = parse_json('{"ok": 1}')
+    assert repeated_key(source, [shared, shared, parse_json('[{"x": 1, "x": 1}]')]) == "x"
+
+
 def test_the_python_api_applies_leave_out_skip_flagged_and_covariates_as_the_cli_does(small_phantom, tmp_path):
     """``medvl.train`` once trained on the images a VQA question file asked to keep out and on the images the audit
     flags, while its train_config.json said both were applied, and saved covariates its own evaluation refuses."""

@@ -242,7 +242,8 @@ def load_captions(path: str | Path) -> CaptionConfig:
         raise
     except Exception as err:  # yaml and json raise different types
         raise DataError(path, f"cannot parse caption config{_parse_problem(err)}") from None
-    if (key := repeated_key(data)) is not None:  # json keeps the last value silently; the YAML loader refuses it too
+    # json keeps the last value silently (the YAML loader refuses it too); nested too deeply is refused here
+    if (key := repeated_key(path, data)) is not None:
         raise DataError(path, f"key {key!r} is given twice")
     if not isinstance(data, dict):
         raise DataError(path, "caption config must be a mapping with 'templates' and 'classes'")

@@ -248,7 +248,7 @@ class ConceptBottleneck:
             raise DataError(path, "concept bottleneck file not found")
         try:
             data = parse_json(path.read_text(encoding="utf-8"))
-            if (key := repeated_key(data)) is not None:
+            if (key := repeated_key(path, data)) is not None:
                 raise DataError(path, f"not a concept bottleneck file (the key {key!r} is given twice)")
             arrays: dict[str, Any] = {k: np.asarray(data[k], dtype=np.float64)
                                       for k in ("concept_vectors", "mean", "scale", "weights", "intercepts")}
