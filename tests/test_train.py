@@ -1371,6 +1371,36 @@ def _alias_bomb(levels: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+CAPTIONS = {"templates": ["a chest x-ray showing {}."], "classes": {"finding": {"normal": ["a normal chest"]}}}
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("deep.json", json.dumps(CAPTIONS)[:-1] + ', "x": ' + "[" * 600 + "]" * 600 + "}",
+     "nested too deeply (more than 100 levels of arrays and objects)"),
+    ("deep.yaml", "templates: " + "[" * 600 + "]" * 600 + "\n",
+     "nested too deeply (more than 100 levels of arrays and objects)"),
+    ("itself.yaml", "a: &a [*a]\n", "line 1: YAML aliases (*name) are not accepted in a caption config"),
+    ("laughs.yaml", _alias_bomb(6), "line 2: YAML aliases (*name) are not accepted in a caption config"),
+], ids=["json-600-deep", "yaml-600-deep", "yaml-anchor-in-itself", "yaml-billion-laughs"])
+def test_caption_configs_nested_deeply_or_holding_yaml_aliases_are_refused_in_one_line(small_phantom, tmp_path,
+                                                                                      name, content, message):
+    """JSON nested 500 to 1,000 deep (json reads it; the recursive walk for repeated keys then ran out of stack) and
+    an anchor used within itself ended in a RecursionError traceback, and nested aliases were walked expanded: a
+    511-byte file kept a command busy for about 17 minutes."""
+    from medvl.data.captions import load_captions
+
+    captions = tmp_path / name
+    captions.write_text(content)
+    with pytest.raises(DataError, match=re.escape(f"{captions}: {message}")):
+        load_captions(captions)
+    model = tmp_path / "model"
+    medvl.create_model("phantom-tiny").save_pretrained(model)
+    result, output = invoke("eval", "zero-shot", "--model", model, "--data", small_phantom, "--captions", captions,
+                            "-q", "--json", tmp_path / "zs.json")
+    assert result.exit_code == 2 and message in " ".join(output.split()) and "Traceback" not in output, output
+    assert not (tmp_path / "zs.json").exists()
+
+
 def test_the_repeated_key_walk_reads_shared_values_once_and_refuses_a_value_holding_itself(tmp_path):
     """The walk behind every JSON / YAML side file (caption configs, JSONL rows, question files, dataset.json)
     recursed two Python frames a level, without a check for a value holding itself, and walked a value held in n
