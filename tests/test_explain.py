@@ -510,6 +510,8 @@ def test_a_damaged_bottleneck_file_is_refused_naming_it(tiny_model, phantom_dir,
         ConceptBottleneck.load(deep)
     loaded = ConceptBottleneck.load(fitted.save(tmp_path / "good.json"))
     assert loaded.problem() is None and np.array_equal(loaded.weights, fitted.weights)
+    (bom := tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "good.json").read_bytes())
+    assert np.array_equal(ConceptBottleneck.load(bom).weights, fitted.weights)  # a BOM is read past, as elsewhere
 
 
 def test_bottleneck_beside_the_probe(tiny_model, phantom_dir):

@@ -1421,6 +1421,24 @@ def test_the_repeated_key_walk_reads_shared_values_once_and_refuses_a_value_hold
     assert repeated_key(source, [shared, shared, parse_json('[{"x": 1, "x": 1}]')]) == "x"
 
 
+def test_a_caption_config_reads_alike_with_or_without_a_utf8_bom(tmp_path):
+    """JSON with a BOM (Windows editors write one) was refused as 'Unexpected UTF-8 BOM' while YAML with one, and
+    every manifest, was read."""
+    import yaml
+
+    from medvl.data.captions import load_captions
+
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps(CAPTIONS))
+    expected = load_captions(plain)
+    for name, text in (("bom.json", json.dumps(CAPTIONS)), ("bom.yaml", yaml.safe_dump(CAPTIONS))):
+        (path := tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
+        assert load_captions(path) == expected
+    (latin := tmp_path / "latin.json").write_bytes(json.dumps(CAPTIONS).replace("normal", "n\xe9").encode("latin-1"))
+    with pytest.raises(DataError, match=re.escape(f"{latin}: not valid UTF-8 (byte offset ")):
+        load_captions(latin)
+
+
 def test_the_python_api_applies_leave_out_skip_flagged_and_covariates_as_the_cli_does(small_phantom, tmp_path):
     """``medvl.train`` once trained on the images a VQA question file asked to keep out and on the images the audit
     flags, while its train_config.json said both were applied, and saved covariates its own evaluation refuses."""

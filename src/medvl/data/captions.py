@@ -17,7 +17,8 @@ the findings a record has (its binary columns at 1), and "no finding" when it ha
 description, an empty template list and a template without ``{}`` are refused (prompts that say nothing).
 YAML keys are read as written: ``yes``, ``no``, ``on``, ``off``, ``null``, ``1`` and ``1.0`` are class names
 (YAML 1.1 would make booleans, None and numbers of them, and ``1`` and ``1.0`` one key); a key given twice is
-refused, and so is a YAML alias (``*name``: nested ones are a "billion laughs" bomb).
+refused, and so is a YAML alias (``*name``: nested ones are a "billion laughs" bomb). The file is UTF-8, a BOM
+accepted (JSON as YAML).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, InputError
-from .loaders.manifest import MAX_NESTING, parse_json, repeated_key
+from .loaders.manifest import MAX_NESTING, decode_utf8, parse_json, repeated_key
 
 log = logging.getLogger(__name__)
 
@@ -236,10 +237,7 @@ def load_captions(path: str | Path) -> CaptionConfig:
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "caption config not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(path, f"not valid UTF-8 (byte offset {err.start})") from None
+    text = decode_utf8(path, path.read_bytes())  # a BOM accepted (Windows editors write one), as in manifests
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
