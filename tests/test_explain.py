@@ -505,8 +505,13 @@ def test_a_damaged_bottleneck_file_is_refused_naming_it(tiny_model, phantom_dir,
     (deep := tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(DataError, match=re.escape(f"{deep}: not a concept bottleneck file (JSON nested too deeply)")):
         ConceptBottleneck.load(deep)
+    (deep := tmp_path / "deep600.json").write_text("[" * 600 + "]" * 600)  # json reads it; the walk ran out of stack
+    with pytest.raises(DataError, match=re.escape(f"{deep}: nested too deeply (more than 100 levels")):
+        ConceptBottleneck.load(deep)
     loaded = ConceptBottleneck.load(fitted.save(tmp_path / "good.json"))
     assert loaded.problem() is None and np.array_equal(loaded.weights, fitted.weights)
+    (bom := tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "good.json").read_bytes())
+    assert np.array_equal(ConceptBottleneck.load(bom).weights, fitted.weights)  # a BOM is read past, as elsewhere
 
 
 def test_bottleneck_beside_the_probe(tiny_model, phantom_dir):

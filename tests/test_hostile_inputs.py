@@ -138,6 +138,7 @@ def _figure1_missing(folder: Path) -> Path:
 
 
 JSONL_LINE = '{"image": "a.png", "finding": "normal", "text": "MRN123 history"}\n'
+DEEP_600 = "[" * 600 + "]" * 600  # JSON that json reads (it stops at about 1,000 levels) but nested too deeply
 
 MANIFEST_CASES = [
     Case("csv-zero-bytes", _manifest("manifest.csv", b""), r"empty manifest \(0 bytes\)"),
@@ -180,6 +181,9 @@ MANIFEST_CASES = [
          "line 2: key 'Finding' repeats key 'finding'"),
     Case("jsonl-deeply-nested", _manifest("manifest.jsonl", '{"image": ' + "[" * 100_000 + "\n"),
          "line 1: JSON nested too deeply"),
+    # json reads 600 levels; the walk for a repeated key ran out of stack (a RecursionError traceback)
+    Case("jsonl-nested-600", _manifest("manifest.jsonl", JSONL_LINE + '{"image": "b.png", "meta": ' + DEEP_600 + "}\n"),
+         r"line 2: nested too deeply \(more than 100 levels"),
     Case("jsonl-non-utf8", _manifest("manifest.jsonl", b'{"image": "a.png", "text": "\xff"}\n'),
          r"not valid UTF-8 \(byte offset 28"),
     Case("jsonl-image-number", _manifest("manifest.jsonl", '{"image": 5}\n'), "1 of 1 image files not found"),
@@ -187,6 +191,8 @@ MANIFEST_CASES = [
          "1 of 1 manifest entries name a file outside", names="dataset.json"),
     Case("sidecar-not-json", _sidecar("{manifest"), "not valid JSON", names="dataset.json"),
     Case("sidecar-deeply-nested", _sidecar("[" * 100_000), "JSON nested too deeply", names="dataset.json"),
+    Case("sidecar-nested-600", _sidecar('{"notes": ' + DEEP_600 + "}"), r"nested too deeply \(more than 100 levels",
+         names="dataset.json"),
     Case("sidecar-wrong-type", _sidecar('{"label_columns": "finding"}'), "'label_columns' must be a list",
          names="dataset.json"),
 ]
@@ -355,6 +361,8 @@ MEDPIX_CASES = [
          names="descriptions_train.jsonl"),
     Case("medpix-deeply-nested", _medpix('{"image": ' + "[" * 100_000), "JSON nested too deeply",
          names="descriptions_train.jsonl"),
+    Case("medpix-nested-600", _medpix(json.dumps(MEDPIX_ROW)[:-1] + ', "extra": ' + DEEP_600 + "}"),
+         r"line 1: nested too deeply \(more than 100 levels", names="descriptions_train.jsonl"),
     Case("medpix-missing-image", _medpix(json.dumps({**MEDPIX_ROW, "image": "gone"})), "1 image files not found"),
     Case("medpix-no-image-folder", _medpix(images=False), "image folder not found", names="images"),
     Case("medpix-symlink-outside", _medpix(link=True),
@@ -458,6 +466,8 @@ VQA_CASES = [
     Case("vqa-wrong-magic-png", _vqa(_png_bytes()), "not valid UTF-8"),
     Case("vqa-non-utf8", _vqa(VQA_TEXT.encode().replace(b"effusion", b"eff\xfesion")), "not valid UTF-8"),
     Case("vqa-deeply-nested", _vqa("[" * 100_000), "JSON nested too deeply"),
+    Case("vqa-nested-600", _vqa(VQA_TEXT[:-2] + ', "extra": ' + DEEP_600 + "}]"),
+         r"item 0: nested too deeply \(more than 100 levels"),
     Case("vqa-object-not-array", _vqa('{"question": "q", "answer": "a"}'), "expected a non-empty JSON array"),
     Case("vqa-huge-line", _vqa(json.dumps([{**QUESTIONS[0], "image_name": "x" * 5000}])),
          "question 1: image file 'xxx.* not found"),

@@ -1363,6 +1363,82 @@ def test_yaml_class_names_are_read_as_written_and_training_warns_of_undescribed_
             "captions are the bare class names") in " ".join((output + caplog.text).split())
 
 
+def _alias_bomb(levels: int) -> str:
+    """YAML of ``levels`` anchors, each a list of ten aliases of the one before: 10 ** levels strings once expanded,
+    in a few hundred bytes ("billion laughs")."""
+    lines = ["l0: &l0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+CAPTIONS = {"templates": ["a chest x-ray showing {}."], "classes": {"finding": {"normal": ["a normal chest"]}}}
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("deep.json", json.dumps(CAPTIONS)[:-1] + ', "x": ' + "[" * 600 + "]" * 600 + "}",
+     "nested too deeply (more than 100 levels of arrays and objects)"),
+    ("deep.yaml", "templates: " + "[" * 600 + "]" * 600 + "\n",
+     "nested too deeply (more than 100 levels of arrays and objects)"),
+    ("itself.yaml", "a: &a [*a]\n", "line 1: YAML aliases (*name) are not accepted in a caption config"),
+    ("laughs.yaml", _alias_bomb(6), "line 2: YAML aliases (*name) are not accepted in a caption config"),
+], ids=["json-600-deep", "yaml-600-deep", "yaml-anchor-in-itself", "yaml-billion-laughs"])
+def test_caption_configs_nested_deeply_or_holding_yaml_aliases_are_refused_in_one_line(small_phantom, tmp_path,
+                                                                                      name, content, message):
+    """JSON nested 500 to 1,000 deep (json reads it; the recursive walk for repeated keys then ran out of stack) and
+    an anchor used within itself ended in a RecursionError traceback, and nested aliases were walked expanded: a
+    511-byte file kept a command busy for about 17 minutes."""
+    from medvl.data.captions import load_captions
+
+    captions = tmp_path / name
+    captions.write_text(content)
+    with pytest.raises(DataError, match=re.escape(f"{captions}: {message}")):
+        load_captions(captions)
+    model = tmp_path / "model"
+    medvl.create_model("phantom-tiny").save_pretrained(model)
+    result, output = invoke("eval", "zero-shot", "--model", model, "--data", small_phantom, "--captions", captions,
+                            "-q", "--json", tmp_path / "zs.json")
+    assert result.exit_code == 2 and message in " ".join(output.split()) and "Traceback" not in output, output
+    assert not (tmp_path / "zs.json").exists()
+
+
+def test_the_repeated_key_walk_reads_shared_values_once_and_refuses_a_value_holding_itself(tmp_path):
+    """The walk behind every JSON / YAML side file (caption configs, JSONL rows, question files, dataset.json)
+    recursed two Python frames a level, without a check for a value holding itself, and walked a value held in n
+    places n times: 10 ** 9 visits for the aliases of a 511-byte YAML file."""
+    import yaml
+
+    from medvl.data.loaders.manifest import MAX_NESTING, parse_json, repeated_key
+
+    source = tmp_path / "side.yaml"
+    assert repeated_key(source, yaml.safe_load(_alias_bomb(9))) is None  # 9 distinct lists, walked once each
+    with pytest.raises(DataError, match=re.escape(f"{source}: an array or object holds itself")):
+        repeated_key(source, yaml.safe_load("a: &a [*a]\n"))
+    deepest = '{"a": ' + "[" * (MAX_NESTING - 2) + '{"k": 1, "k": 2}' + "]" * (MAX_NESTING - 2) + "}"
+    assert repeated_key(source, parse_json(deepest)) == "k"  # 100 levels (an object, 98 arrays, an object) are read
+    with pytest.raises(DataError, match=re.escape(f"{source}: line 7: nested too deeply (more than 100 levels")):
+        repeated_key(source, parse_json("[" + deepest + "]"), where="line 7: ")
+    shared = parse_json('{"ok": 1}')
+    assert repeated_key(source, [shared, shared, parse_json('[{"x": 1, "x": 1}]')]) == "x"
+
+
+def test_a_caption_config_reads_alike_with_or_without_a_utf8_bom(tmp_path):
+    """JSON with a BOM (Windows editors write one) was refused as 'Unexpected UTF-8 BOM' while YAML with one, and
+    every manifest, was read."""
+    import yaml
+
+    from medvl.data.captions import load_captions
+
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps(CAPTIONS))
+    expected = load_captions(plain)
+    for name, text in (("bom.json", json.dumps(CAPTIONS)), ("bom.yaml", yaml.safe_dump(CAPTIONS))):
+        (path := tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
+        assert load_captions(path) == expected
+    (latin := tmp_path / "latin.json").write_bytes(json.dumps(CAPTIONS).replace("normal", "n\xe9").encode("latin-1"))
+    with pytest.raises(DataError, match=re.escape(f"{latin}: not valid UTF-8 (byte offset ")):
+        load_captions(latin)
+
+
 def test_the_python_api_applies_leave_out_skip_flagged_and_covariates_as_the_cli_does(small_phantom, tmp_path):
     """``medvl.train`` once trained on the images a VQA question file asked to keep out and on the images the audit
     flags, while its train_config.json said both were applied, and saved covariates its own evaluation refuses."""

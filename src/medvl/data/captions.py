@@ -17,7 +17,8 @@ the findings a record has (its binary columns at 1), and "no finding" when it ha
 description, an empty template list and a template without ``{}`` are refused (prompts that say nothing).
 YAML keys are read as written: ``yes``, ``no``, ``on``, ``off``, ``null``, ``1`` and ``1.0`` are class names
 (YAML 1.1 would make booleans, None and numbers of them, and ``1`` and ``1.0`` one key); a key given twice is
-refused.
+refused, and so is a YAML alias (``*name``: nested ones are a "billion laughs" bomb). The file is UTF-8, a BOM
+accepted (JSON as YAML).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, InputError
-from .loaders.manifest import parse_json, repeated_key
+from .loaders.manifest import MAX_NESTING, decode_utf8, parse_json, repeated_key
 
 log = logging.getLogger(__name__)
 
@@ -193,10 +194,19 @@ def _as_list(value: Any) -> list[str]:
 
 
 def _yaml_loader(path: Path) -> type:
-    """A safe YAML loader whose mapping keys are strings as written (see the module doc), refusing a repeated key."""
+    """A safe YAML loader whose mapping keys are strings as written (see the module doc), refusing a repeated key
+    and any alias (``*name``): a caption config needs none, and aliases of aliases expand a file of a few hundred
+    bytes into a billion strings ("billion laughs"), or, one within its own anchor, into a value holding itself."""
     import yaml
 
     class KeysAsWritten(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):  # a shared node: nothing needs one, and nested ones make bombs
+                line = self.peek_event().start_mark.line + 1
+                raise DataError(path, f"line {line}: YAML aliases (*name) are not accepted in a caption config; "
+                                      "write the value out")
+            return super().compose_node(parent, index)
+
         def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
             mapping: dict[Any, Any] = {}
             for key_node, value_node in node.value:
@@ -227,10 +237,7 @@ def load_captions(path: str | Path) -> CaptionConfig:
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "caption config not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(path, f"not valid UTF-8 (byte offset {err.start})") from None
+    text = decode_utf8(path, path.read_bytes())  # a BOM accepted (Windows editors write one), as in manifests
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
@@ -240,9 +247,12 @@ def load_captions(path: str | Path) -> CaptionConfig:
             data = parse_json(text)
     except DataError:
         raise
+    except RecursionError:  # json's parser stops at about 1,000 levels, yaml's at fewer
+        raise DataError(path, f"nested too deeply (more than {MAX_NESTING} levels of arrays and objects)") from None
     except Exception as err:  # yaml and json raise different types
         raise DataError(path, f"cannot parse caption config{_parse_problem(err)}") from None
-    if (key := repeated_key(data)) is not None:  # json keeps the last value silently; the YAML loader refuses it too
+    # json keeps the last value silently (the YAML loader refuses it too); nested too deeply is refused here
+    if (key := repeated_key(path, data)) is not None:
         raise DataError(path, f"key {key!r} is given twice")
     if not isinstance(data, dict):
         raise DataError(path, "caption config must be a mapping with 'templates' and 'classes'")

@@ -241,14 +241,14 @@ class ConceptBottleneck:
         """The bottleneck a file holds, as ``load`` uses it (keys it does not use are ignored; a file without
         ``model``, or with ``"model": null``, predates fingerprints: ``load`` warns that it cannot be checked),
         without a word; DataError naming the file when it is not one, or its ``model`` is not a fingerprint."""
-        from ..data.loaders.manifest import parse_json, repeated_key
+        from ..data.loaders.manifest import decode_utf8, parse_json, repeated_key
 
         path = Path(path)
         if not path.is_file():
             raise DataError(path, "concept bottleneck file not found")
         try:
-            data = parse_json(path.read_text(encoding="utf-8"))
-            if (key := repeated_key(data)) is not None:
+            data = parse_json(decode_utf8(path, path.read_bytes()))  # a BOM accepted, as in every JSON medvl reads
+            if (key := repeated_key(path, data)) is not None:
                 raise DataError(path, f"not a concept bottleneck file (the key {key!r} is given twice)")
             arrays: dict[str, Any] = {k: np.asarray(data[k], dtype=np.float64)
                                       for k in ("concept_vectors", "mean", "scale", "weights", "intercepts")}
@@ -258,7 +258,7 @@ class ConceptBottleneck:
             bottleneck = cls(concepts=data["concepts"], classes=data["classes"],  # checked by problem()
                              label_column=str(data["label_column"]), c=float(data["c"]),
                              model=dict(model) if model is not None else None, **arrays)
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        except (ValueError, KeyError, TypeError) as err:
             raise DataError(path, f"not a concept bottleneck file ({type(err).__name__})") from None
         except RecursionError:
             raise DataError(path, "not a concept bottleneck file (JSON nested too deeply)") from None

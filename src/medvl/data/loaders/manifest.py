@@ -68,7 +68,7 @@ import logging
 import math
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -171,12 +171,50 @@ def parse_json(text: str) -> Any:
     return json.loads(text, object_pairs_hook=_object_once)
 
 
-def repeated_key(value: Any) -> str | None:
-    """The first key given twice in one JSON object within ``value`` (as read by ``parse_json``), or None."""
+# levels of arrays and objects a JSON or YAML side file (manifest row, question, dataset.json, caption config) may
+# nest: medvl's own nest 4 at most. json's C parser reads about 1,000 levels, more than a recursive walk in Python has
+# stack for, so the walk below keeps its own stack, and refuses deeper documents
+MAX_NESTING = 100
+
+
+def _children(container: dict[Any, Any] | list[Any]) -> Iterator[Any]:
+    return iter(container.values() if isinstance(container, dict) else container)
+
+
+def repeated_key(path: Path, value: Any, where: str = "") -> str | None:
+    """The first key given twice in one JSON object within ``value`` (as read by ``parse_json``), or None.
+
+    A DataError naming ``path`` (``where`` before the problem: ``"line 3: "``) when ``value`` nests more than
+    ``MAX_NESTING`` arrays and objects, or holds itself (a YAML anchor within its own alias). Walked without
+    recursion, each array and object once: an object or array held in several places (YAML aliases) is not
+    walked again, so that a small file of nested aliases ("billion laughs") costs its size, not the size of its
+    expansion."""
+    if not isinstance(value, dict | list):
+        return None
     if isinstance(value, _KeyRepeated):
         return value.repeated
-    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
-    return next((key for child in children if (key := repeated_key(child)) is not None), None)
+    seen = {id(value)}  # every array and object reached (kept alive by ``value``, so their ids stay theirs)
+    path_ids = {id(value)}  # those on the way down to the one being walked
+    stack = [(value, _children(value))]
+    while stack:
+        container, children = stack[-1]
+        child = next((child for child in children if isinstance(child, dict | list)), None)
+        if child is None:
+            stack.pop()
+            path_ids.discard(id(container))
+        elif id(child) in path_ids:
+            raise DataError(path, f"{where}an array or object holds itself (a YAML anchor used within its own "
+                                  "value)")
+        elif id(child) not in seen:
+            if len(stack) >= MAX_NESTING:
+                raise DataError(path, f"{where}nested too deeply (more than {MAX_NESTING} levels of arrays and "
+                                      "objects)")
+            if isinstance(child, _KeyRepeated):
+                return child.repeated
+            seen.add(id(child))
+            path_ids.add(id(child))
+            stack.append((child, _children(child)))
+    return None
 
 
 def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -196,7 +234,7 @@ def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
         if not isinstance(row, dict):
             raise DataError(path, f"line {line_number}: expected a JSON object, "
                                   f"got {type(row).__name__}")
-        if (key := repeated_key(row)) is not None:
+        if (key := repeated_key(path, row, where=f"line {line_number}: ")) is not None:
             raise DataError(path, f"line {line_number}: key {key!r} is given twice")
         rows.append((line_number, row))
     return rows
@@ -379,7 +417,7 @@ def read_sidecar(folder: Path) -> dict[str, Any] | None:
         raise DataError(path, "JSON nested too deeply") from None
     if not isinstance(sidecar, dict):
         raise DataError(path, "expected a JSON object")
-    if (key := repeated_key(sidecar)) is not None:
+    if (key := repeated_key(path, sidecar)) is not None:
         raise DataError(path, f"key {key!r} is given twice in one object")
     for key, value in sidecar.items():
         expected = SIDECAR_KEYS.get(key)

@@ -175,7 +175,7 @@ def _read_items(path: Path) -> list[dict[str, Any]]:
     for index, item in enumerate(data):
         if not isinstance(item, dict):
             raise DataError(path, f"item {index}: expected a JSON object, got {type(item).__name__}")
-        if (key := repeated_key(item)) is not None:
+        if (key := repeated_key(path, item, where=f"item {index}: ")) is not None:
             qid = _text(item.get("qid")) or "?"
             raise DataError(path, f"item {index} (qid {qid}): key {key!r} is given twice")
     return data
