@@ -199,9 +199,12 @@ def _print_answer(result: dict[str, Any]) -> None:
                           "on[/]", markup=True)
     if result.get("unknown_words"):
         count = result["unknown_words"]
+        # not "left out": a pretrained question encoder reads such a word as it knows it, and an unknown token is
+        # an input too; either may sway the answer, which training never checked on them
+        them, they = ("them", "they") if count > 1 else ("it", "it")
         console.print(f"[yellow]{count} word{'s' if count > 1 else ''} of the question (or pieces of words) this VQA "
-                      "model does not know: read as 'unknown', the answer does not take "
-                      f"{'them' if count > 1 else 'it'} into account[/]", markup=True, highlight=False)
+                      f"model does not know: none of its training questions held {them}, yet {they} may sway the "
+                      "answer: read it with care[/]", markup=True, highlight=False)
     if result.get("no_answer"):
         console.print("[red]no answer: the model ended without a word (the probability below is that of ending "
                       "so)[/]", markup=True, highlight=False)
