@@ -216,7 +216,8 @@ def evaluate_zero_shot(model: PathLike, data: PathLike, split: str = "test", lab
     the result names what was scored.
 
     ``calibration_split`` fits a softmax temperature on that split's zero-shot logits and adds a
-    ``calibration`` block for ``split`` (ECE, Brier, NLL before/after, reliability, risk-coverage)."""
+    ``calibration`` block for ``split`` (ECE, Brier summed over the classes, NLL before/after, reliability,
+    risk-coverage)."""
     from .data.audit import content_summary
     from .eval import zero_shot
     from .eval.ood import embed_checked
