@@ -154,14 +154,16 @@ def eval_linear_probe(
                                    covariates=None if covariates is None else parse_columns(covariates))
     rows = {"auc": result["auc"], "accuracy": result["accuracy"],
             "balanced_accuracy": result["balanced_accuracy"]}
-    if "covariates" in result:
+    fused = "covariates" in result  # then every row says what it scored: the few-shot probes the image alone
+    if fused:
         columns = ", ".join(result["covariates"]["columns"])
         rows = {f"{key} (image + {columns})": value for key, value in rows.items()}
         rows |= {f"{key} (image only)": value for key, value in result["image_only"].items()}
         rows["auc (covariates only)"] = result["covariates"]["auc"]
+    shot = "-shot auc (image only)" if fused else "-shot auc"
     for k, scores in result["few_shot"].items():
-        rows[f"{k}-shot auc"] = scores["auc_mean"]
+        rows[f"{k}{shot}"] = scores["auc_mean"]
     for k in result.get("few_shot_skipped", {}):
-        rows[f"{k}-shot auc"] = "skipped (too few training images)"
+        rows[f"{k}{shot}"] = "skipped (too few training images)"
     print_metrics(f"linear probe {result['label']} (train {result['n_train']}, test {result['n_test']})", rows)
     emit_json(result, json_out, overwrite)
