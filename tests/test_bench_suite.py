@@ -84,6 +84,9 @@ def test_results_have_one_row_per_model_task_metric_with_intervals(finished_run)
     assert any(m.startswith("sanity: ") for m in metrics)
     probe = {r["metric"] for r in rows if r["task"] == "linear-probe"}
     assert {"calibration: ece_before", "calibration: ece_after", "calibration: temperature"} <= probe
+    # the Brier rows name their form (summed over the classes: twice the binary figure for two classes)
+    brier = {"calibration: brier_before (sum over classes)", "calibration: brier_after (sum over classes)"}
+    assert brier <= probe and brier <= metrics and not any(m.startswith("calibration: brier") for m in metrics - brier)
     assert any(m.startswith("subgroup sex=") for m in metrics)
     assert any(m.startswith("corruption noise s5") for m in metrics)
     assert (out / "report.html").stat().st_size > 10_000

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import medvl
-from cli_helpers import with_copied_films
+from cli_helpers import invoke, with_copied_films
 from medvl.api import evaluate_zero_shot
 from medvl.data import captions_for
 from medvl.errors import InputError
@@ -75,6 +75,16 @@ def test_brier_and_nll_match_loops(seed):
     for i, row in enumerate(logits / 2.0):
         nll -= row[targets[i]] - math.log(sum(math.exp(v) for v in row))
     assert negative_log_likelihood(logits, targets, 2.0) == pytest.approx(nll / len(targets))
+
+
+def test_brier_of_two_classes_is_twice_the_binary_score():
+    """The documented convention (summed over the classes), against scikit-learn's binary ``brier_score_loss``."""
+    from sklearn.metrics import brier_score_loss
+
+    logits, targets = _random(2, k=2)
+    probs = softmax(logits)
+    assert brier_score(probs, targets) == pytest.approx(2 * brier_score_loss(targets, probs[:, 1]))
+    assert brier_score(np.full((4, 2), 0.5), np.array([0, 1, 0, 1])) == pytest.approx(0.5)  # a 50/50 guess
 
 
 def test_aurc_of_an_always_wrong_or_always_right_classifier():
@@ -239,6 +249,14 @@ def test_zero_shot_calibration_block(phantom_model, phantom_dir):
     assert abstain["threshold"] is None or (abstain["fit_risk"] <= 0.1 and 0 <= abstain["coverage"] <= 1)
     with pytest.raises(InputError, match="different split"):
         evaluate_zero_shot(phantom_model, phantom_dir, "test", calibration_split="test", show_progress=False)
+    # the table names the Brier form: with two classes it is twice the binary figure papers give
+    _, output = invoke("eval", "zero-shot", "--model", phantom_model, "--data", phantom_dir, "--split", "test",
+                       "--calibration-split", fit_split, "-q")
+    rows = [[cell.strip() for cell in line.split("│") if cell.strip()] for line in output.splitlines()
+            if "Brier" in line]
+    assert [name for name, _ in rows] == ["Brier (sum over classes) before", "Brier (sum over classes) after"]
+    assert [float(value) for _, value in rows] == pytest.approx([block["brier_before"], block["brier_after"]],
+                                                                abs=5e-4)
     with pytest.raises(InputError, match=r"--calibration-split 'all' holds \d+ images of the evaluated split 'test'"):
         evaluate_zero_shot(phantom_model, phantom_dir, "test", calibration_split="all", show_progress=False)
 

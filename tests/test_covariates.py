@@ -235,6 +235,8 @@ def test_the_model_remembers_its_covariates_and_the_probe_fuses_them(model_with_
     assert result.exit_code == 0, output
     assert "image + age_approx, sex" in output and "covariates only" in output
     fused = json.loads((tmp_path / "fused.json").read_text())
+    # the few-shot probe scores the image alone: its row and its JSON entry say so beside the fused headline
+    assert "4-shot auc (image only)" in output and fused["few_shot"]["4"]["image_only"] is True
     assert fused["covariates"]["columns"]["age_approx"]["kind"] == "numeric"
     assert fused["covariates"]["columns"]["sex"]["values"] == ["female", "male"]
     assert 0 <= fused["covariates"]["auc"] <= 1
@@ -242,6 +244,8 @@ def test_the_model_remembers_its_covariates_and_the_probe_fuses_them(model_with_
     assert result.exit_code == 0, output
     plain = json.loads((tmp_path / "image.json").read_text())
     assert "covariates" not in plain and "image_only" not in plain
+    assert "image_only" not in plain["few_shot"]["4"] and "(image only)" not in output  # every row is the image's
+    assert plain["few_shot"]["4"]["auc_mean"] == pytest.approx(fused["few_shot"]["4"]["auc_mean"])
     # the fused run's image-only figures are the plain probe's, the headline is the fusion
     assert fused["image_only"]["auc"] == pytest.approx(plain["auc"])
     assert fused["auc"] != pytest.approx(plain["auc"])

@@ -5,6 +5,7 @@ Real shared data where it exists (skipped without it), small files written here 
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import json
@@ -17,6 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import medvl
+from cli_helpers import invoke
 from medvl.data.loaders import iu_xray, load_dataset, load_iu_xray, load_vqa
 from medvl.data.loaders.iu_xray import clean_report_text, iter_iu_reports, report_labels
 from medvl.data.record import hash_split
@@ -161,6 +164,35 @@ def test_an_open_i_folder_with_the_reports_and_the_image_archive_loads_the_repor
     write_tgz(tmp_path / "new_reports.tgz", {"ecgen-radiology/9.xml": report_xml()})
     with pytest.raises(DataError, match=r"2 report archives \(new_reports\.tgz, old_reports\.tgz\): pass one"):
         load_dataset(tmp_path)
+
+
+def test_image_commands_refuse_a_text_only_dataset_naming_its_file(tmp_path):
+    """A report archive has no image: each image command says so once, naming the archive (not a record id) and
+    what text-only data serves, before anything is trained or written; it never suggests the command refused."""
+    archive = write_tgz(tmp_path / "NLMCXR_reports.tgz", {
+        f"ecgen-radiology/{i}.xml": report_xml(uid=f"CXR{i}", major=("normal",) if i % 2 else ("Cardiomegaly",))
+        for i in range(1, 9)})
+    medvl.create_model("phantom-tiny").save_pretrained(tmp_path / "model")
+    commands = (("eval", "retrieval", "--model", tmp_path / "model", "--data", archive, "--split", "all"),
+                ("eval", "zero-shot", "--model", tmp_path / "model", "--data", archive, "--split", "all"),
+                ("eval", "linear-probe", "--model", tmp_path / "model", "--train-data", archive, "--train-split",
+                 "all", "--test-data", archive, "--test-split", "all", "-l", "status"),
+                ("train", "--data", archive, "--split", "all", "--model", "phantom-tiny", "--out", tmp_path / "run",
+                 "--max-steps", 1, "-l", "status"))
+    for command in commands:
+        result, output = invoke(*command, "-q")
+        assert result.exit_code == 2, output
+        line = " ".join(output.split())
+        assert f"error: {archive}: a text-only dataset (8 records, none with an image)" in line, line
+        assert "medvl.load_dataset" in line and "medvl.rag.labels" in line
+        assert "CXR" not in line.replace(str(archive), "") and "retrieval" not in line and "Traceback" not in output
+    assert not (tmp_path / "run").exists()
+    dataset = load_dataset(archive)
+    with pytest.raises(InputError, match="'CXR1' has no image"):
+        _ = dataset.records[0].image  # a record alone knows no file: its id, and what such data is for
+    mixed = dataset.subset([dataset.records[0], dataclasses.replace(dataset.records[1], images=[np.zeros((4, 4))])])
+    with pytest.raises(InputError, match=r"NLMCXR_reports\.tgz: 1 of its 2 records have no image"):
+        mixed.for_spatial_dims(2)
 
 
 def test_entity_expansion_bomb_is_refused(tmp_path):

@@ -35,7 +35,8 @@ def load_split(path: PathLike, split: str | None = None, label_columns: Sequence
     ``label_columns``: the records of the split with a value in each (``labelled_split``; those without are counted
     in the log, of that split only); the split is chosen among every record's splits, labelled or not.
     ``model`` (a saved model folder): only the records it can take (``Dataset.for_spatial_dims``: a DICOM
-    folder's 2D images for a 2D model, its 3D series for a 3D one; the others left out with a warning)."""
+    folder's 2D images for a 2D model, its 3D series for a 3D one; the others left out with a warning), and an
+    InputError naming the dataset when its records have no image (``Dataset.require_images``)."""
     columns = check_label_columns(label_columns)
     dataset = load_dataset(path, allow_outside_root=allow_outside_root)
     for column in columns:  # an unknown column fails before the split is looked at
@@ -47,7 +48,10 @@ def load_split(path: PathLike, split: str | None = None, label_columns: Sequence
                              "included)")
         split = "train" if "train" in dataset.splits else "all"
     selected = labelled_split(dataset.select(split), split, columns) if columns else dataset.select(split)
-    if model is None or not selected.kinds():  # no kind to choose by: the model is read only when one is needed
+    if model is None:
+        return selected
+    selected.require_images()  # a text-only dataset, named by its file, before the model is read
+    if not selected.kinds():  # no kind to choose by: the model is read only when one is needed
         return selected
     from .models.registry import model_spatial_dims
 
@@ -212,7 +216,8 @@ def evaluate_zero_shot(model: PathLike, data: PathLike, split: str = "test", lab
     the result names what was scored.
 
     ``calibration_split`` fits a softmax temperature on that split's zero-shot logits and adds a
-    ``calibration`` block for ``split`` (ECE, Brier, NLL before/after, reliability, risk-coverage)."""
+    ``calibration`` block for ``split`` (ECE, Brier summed over the classes, NLL before/after, reliability,
+    risk-coverage)."""
     from .data.audit import content_summary
     from .eval import zero_shot
     from .eval.ood import embed_checked

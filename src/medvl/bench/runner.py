@@ -1088,7 +1088,7 @@ RUNNERS: dict[str, Callable[[_Context], None]] = {
 
 def _check_calibration(ctx: _Context, scored: _Scored) -> None:
     from ..data import captions_for
-    from ..eval.calibration import calibration_report
+    from ..eval.calibration import BRIER_FORM, calibration_report
     from ..eval.zero_shot import zero_shot_calibration
 
     spec = ctx.data.spec
@@ -1103,7 +1103,7 @@ def _check_calibration(ctx: _Context, scored: _Scored) -> None:
         ctx.skipped.setdefault("calibration", "no scores on a calibration split")
         return
     for key in ("ece_before", "ece_after", "brier_before", "brier_after", "nll_before", "nll_after", "temperature"):
-        ctx.row(f"calibration: {key}", block[key])
+        ctx.row(f"calibration: {key}" + (f" ({BRIER_FORM})" if key.startswith("brier") else ""), block[key])
     ctx.row("calibration: aurc", block["risk_coverage"]["aurc"])  # after scaling, as the abstention threshold
     ctx.row("calibration: aurc_before", block["risk_coverage"]["aurc_before"])  # the model's own ranking
     # the bins are the scored split's, before and after a temperature fitted on the calibration split

@@ -40,7 +40,8 @@ def eval_zero_shot(
     allow_outside_root: AllowOutsideOption = False,
     quiet: QuietOption = False,
     calibration_split: Annotated[str | None, typer.Option(
-        help="Fit a softmax temperature on this split and report calibration (ECE, Brier) of --split.")] = None,
+        help="Fit a softmax temperature on this split and report calibration (ECE, Brier summed over the classes, "
+             "NLL) of --split.")] = None,
     backend: BackendOption = "torch",
 ) -> None:
     """Prompt-ensemble zero-shot classification: accuracy, balanced accuracy, macro AUC."""
@@ -60,10 +61,12 @@ def eval_zero_shot(
 
 def _print_calibration(block: dict, scored: str) -> None:
     """The abstention threshold is chosen on the calibration split and its coverage and risk measured on ``scored``."""
+    from ..eval.calibration import BRIER_FORM
+
     abstain, fitted = block["abstention_threshold_at_risk_0.1"], block["split"]
     print_metrics(f"calibration (temperature and abstention threshold fitted on {fitted}, {block['n_fit']} images)", {
         "temperature": block["temperature"], "ECE before": block["ece_before"], "ECE after": block["ece_after"],
-        "Brier before": block["brier_before"], "Brier after": block["brier_after"],
+        f"Brier ({BRIER_FORM}) before": block["brier_before"], f"Brier ({BRIER_FORM}) after": block["brier_after"],
         "NLL before": block["nll_before"], "NLL after": block["nll_after"],
         "risk-coverage AURC before": block["risk_coverage"]["aurc_before"],
         "risk-coverage AURC after": block["risk_coverage"]["aurc"],
@@ -151,14 +154,16 @@ def eval_linear_probe(
                                    covariates=None if covariates is None else parse_columns(covariates))
     rows = {"auc": result["auc"], "accuracy": result["accuracy"],
             "balanced_accuracy": result["balanced_accuracy"]}
-    if "covariates" in result:
+    fused = "covariates" in result  # then every row says what it scored: the few-shot probes the image alone
+    if fused:
         columns = ", ".join(result["covariates"]["columns"])
         rows = {f"{key} (image + {columns})": value for key, value in rows.items()}
         rows |= {f"{key} (image only)": value for key, value in result["image_only"].items()}
         rows["auc (covariates only)"] = result["covariates"]["auc"]
+    shot = "-shot auc (image only)" if fused else "-shot auc"
     for k, scores in result["few_shot"].items():
-        rows[f"{k}-shot auc"] = scores["auc_mean"]
+        rows[f"{k}{shot}"] = scores["auc_mean"]
     for k in result.get("few_shot_skipped", {}):
-        rows[f"{k}-shot auc"] = "skipped (too few training images)"
+        rows[f"{k}{shot}"] = "skipped (too few training images)"
     print_metrics(f"linear probe {result['label']} (train {result['n_train']}, test {result['n_test']})", rows)
     emit_json(result, json_out, overwrite)

@@ -29,6 +29,9 @@ ALL_SPLITS = "all"
 KIND_DIMS = {"image": 2, "volume": 3}
 KIND_NAMES = {"image": "2D image(s)", "volume": "3D volume(s)"}
 MODEL_TAKES = {2: "2D images", 3: "3D volumes (DxHxW)"}
+# what a record without an image is good for: no medvl command (every one reads images), the Python API
+TEXT_ONLY_USE = ("medvl's commands read images; use text-only data from Python (medvl.load_dataset for its texts "
+                 "and labels, medvl.rag.labels to label its reports)")
 
 
 @runtime_checkable
@@ -58,9 +61,9 @@ class Record:
     @property
     def image(self) -> ImageSource:
         """The first (usually only) image of the record; ``InputError`` for a text-only record."""
-        if not self.images:
-            raise InputError(f"record {self.id!r} has no image: its dataset is text-only (e.g. the IU X-ray "
-                             f"reports); use it for text, report labels or retrieval, not for image commands")
+        if not self.images:  # image commands refuse such a dataset first, naming its file (Dataset.require_images)
+            raise InputError(f"record {self.id!r} has no image (a text-only record, as the IU X-ray reports' are); "
+                             f"{TEXT_ONLY_USE}")
         return self.images[0]
 
 
@@ -206,12 +209,24 @@ class Dataset(Sequence[Record]):
         other loaders, whose records carry none."""
         return {kind for record in self.records if (kind := record.meta.get("kind")) in KIND_DIMS}
 
+    def require_images(self) -> None:
+        """InputError naming the dataset's file or folder when a record has no image (a text-only dataset such
+        as the IU X-ray reports): a command that reads images refuses it before any work, rather than at its
+        first record (``Record.image``), which knows no file."""
+        missing = sum(not record.images for record in self.records)
+        if not missing:
+            return
+        what = (f"a text-only dataset ({len(self)} records, none with an image)" if missing == len(self) else
+                f"{missing} of its {len(self)} records have no image (text only)")
+        raise InputError(f"{self.source}: {what}; {TEXT_ONLY_USE}")
+
     def for_spatial_dims(self, spatial_dims: int) -> Dataset:
         """The records a model of ``spatial_dims`` (2: images, 3: volumes) can take. Records whose
         ``meta["kind"]`` is of the other kind (a DICOM folder, a PACS pull, holds 2D images, ``image``,
         next to 3D series, ``volume``) are left out, with a warning counting them per kind; records
         without a kind (other loaders: their images are checked when read) are all kept. InputError
-        when no record is left."""
+        when no record is left, or when a record has no image at all (``require_images``)."""
+        self.require_images()
         other = Counter(kind for record in self.records
                         if (kind := record.meta.get("kind")) in KIND_DIMS and KIND_DIMS[kind] != spatial_dims)
         if not other:

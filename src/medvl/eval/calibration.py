@@ -16,6 +16,9 @@ from ..errors import InputError
 log = logging.getLogger(__name__)
 
 TEMPERATURE_BOUNDS = (0.01, 100.0)  # fit_temperature's search range
+# what ``brier_score`` is, where a figure of it is shown (the CLI tables, bench rows): with two classes it is twice the
+# binary Brier score (scikit-learn's ``brier_score_loss``) most papers give, so it is never labelled just "Brier"
+BRIER_FORM = "sum over classes"
 
 
 def _check_targets(targets: np.ndarray, n: int, num_classes: int) -> np.ndarray:
@@ -93,7 +96,9 @@ def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, bins: int
 
 
 def brier_score(probs: np.ndarray, targets: np.ndarray) -> float:
-    """Multi-class Brier score: mean over samples of the squared error summed over classes."""
+    """Multi-class Brier score: mean over samples of the squared error summed over the K classes (0..2; a uniform
+    guess scores 1 - 1/K). With two classes this is twice the binary Brier score of the positive class's
+    probability (scikit-learn's ``brier_score_loss``, 0..1): 0.5 for a 50/50 guess, not 0.25."""
     probs, targets = check_probabilities(probs, targets)
     one_hot = np.eye(probs.shape[1])[targets]
     return float(((probs - one_hot) ** 2).sum(1).mean())
@@ -193,7 +198,8 @@ def held_out_abstention(fit_probs: np.ndarray, fit_targets: np.ndarray, probs: n
 def calibration_report(fit_logits: np.ndarray, fit_targets: np.ndarray, logits: np.ndarray, targets: np.ndarray,
                        bins: int = 15, target_risk: float = 0.1, curve_points: int = 5) -> dict:
     """Fit a temperature on (``fit_logits``, ``fit_targets``) and report calibration of (``logits``,
-    ``targets``) before and after dividing by it: ECE, Brier, NLL, reliability bins, a few points of
+    ``targets``) before and after dividing by it: ECE, Brier (``brier_score``: summed over the classes, twice the
+    binary figure for two classes), NLL, reliability bins, a few points of
     the risk-coverage curve (after scaling) with its area, and the abstention threshold at ``target_risk``: chosen on
     the fit records' scaled probabilities and graded on the scored ones (``held_out_abstention``), never tuned on the
     scored labels.

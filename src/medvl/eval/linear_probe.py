@@ -39,7 +39,8 @@ def linear_probe(model: DualEncoder, train_data: Dataset, test_data: Dataset, la
     ``auc``, ``accuracy``, ``balanced_accuracy``, the kept and calibration probabilities are the fused ones,
     ``image_only`` holds the probe's own three figures, and ``covariates`` the columns (kind, missing share in
     training and in the scored records) with ``covariates["auc"]``, the covariates alone. Few-shot probes
-    stay image-only.
+    stay image-only, and then say so: each ``few_shot`` entry has ``image_only: true`` (beside fused headline
+    figures they would read as fused).
     """
     train_data, test_data = train_data.with_labels([label]), test_data.with_labels([label])
     classes = probe_classes(train_data, test_data, label)
@@ -104,7 +105,7 @@ def linear_probe(model: DualEncoder, train_data: Dataset, test_data: Dataset, la
                 "auc_mean": float(np.mean(aucs)) if aucs else None,
                 "auc_std": _sample_sd(aucs),
                 "accuracy_mean": float(np.mean(accs)), "accuracy_std": _sample_sd(accs),
-                "repeats": len(scores)}
+                "repeats": len(scores), **({"image_only": True} if covariate_model is not None else {})}
     return result
 
 

@@ -35,11 +35,12 @@ masked: ``x-XXXX`` is always "x-ray" (the anonymiser removed "ray" as a first na
 ``x-ray``. No ``XXXX`` is left in any text or section.
 
 Records (``load_iu_xray``): one per report with text; ``id`` = ``uid``; ``images = []`` (a
-text-only corpus: text-tower pretraining, tokenizer vocabulary, report labelling, case knowledge
-for retrieval; ``Record.image`` raises ``InputError``); ``text`` = the chosen sections (default
-FINDINGS then IMPRESSION) joined by a space; a report whose chosen sections are all empty is
-skipped and counted in the log (28 of 3,955 with the default sections); ``split`` = ``train`` /
-``val`` / ``test`` (80/10/10) from a hash of the id (``medvl.data.record.hash_split``).
+text-only corpus for the Python API: its texts and labels, report labelling; image commands refuse
+it naming the archive, ``Dataset.require_images``, and ``Record.image`` raises ``InputError``);
+``text`` = the chosen sections (default FINDINGS then IMPRESSION) joined by a space; a report whose
+chosen sections are all empty is skipped and counted in the log (28 of 3,955 with the default
+sections); ``split`` = ``train`` / ``val`` / ``test`` (80/10/10) from a hash of the id
+(``medvl.data.record.hash_split``).
 
 Labels, from ``mesh_major`` (values are strings; a missing label is absent):
 
