@@ -571,26 +571,28 @@ def test_a_dicom_upload_is_answered_and_its_identifiers_never_logged(client, log
     assert tempfile.gettempdir() == str(upload_tmp) and not list(upload_tmp.iterdir())  # nothing kept
 
 
+def ct_upload(**values) -> bytes:
+    """pydicom's CT_small.dcm with ``values`` set (by keyword), as the bytes of an upload."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    stream = io.BytesIO()
+    ds.save_as(stream)
+    return stream.getvalue()
+
+
 def test_a_dicom_whose_surname_spells_a_code_is_answered_and_a_surviving_name_refused_in_http_words(client):
     """The CT of a patient called Hu (Rescale Type HU, Hounsfield units) was refused with 422 on every upload
     route, "the patient's name survived de-identification in RescaleType; nothing was written" (the words of
     `medvl deid`), while `medvl predict` read it. It is answered; a name that does survive in a code string is
     refused with 422 in the words of a request."""
-    import pydicom
-    from pydicom.data import get_testdata_file
-
-    def upload(**values) -> bytes:
-        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-        for keyword, value in values.items():
-            setattr(ds, keyword, value)
-        stream = io.BytesIO()
-        ds.save_as(stream)
-        return stream.getvalue()
-
-    hu = upload(PatientName="HU^JUN", RescaleType="HU")
+    hu = ct_upload(PatientName="HU^JUN", RescaleType="HU")
     assert zero_shot(client, hu, "ct.dcm").status_code == 200
     assert client.post("/v1/preview", headers=auth(), files={"image": ("ct.dcm", hu)}).status_code == 200
-    typed = upload(PatientName="HU^JUN", ImageType=["ORIGINAL", "PRIMARY", "HU JUN"])
+    typed = ct_upload(PatientName="HU^JUN", ImageType=["ORIGINAL", "PRIMARY", "HU JUN"])
     refused = zero_shot(client, typed, "ct.dcm")
     assert refused.status_code == 422
     assert refused.json()["detail"] == ("this DICOM upload was refused: after de-identification the patient's name "
@@ -600,20 +602,9 @@ def test_a_dicom_whose_surname_spells_a_code_is_answered_and_a_surviving_name_re
 def test_a_dicom_with_a_malformed_date_or_frame_count_is_answered_or_refused_never_a_500(client):
     """A malformed study date made de-identification raise (500 on every route); a Number of Frames that is not
     a number made the size check raise (500). The first is answered (the date emptied), the second is a 422."""
-    import pydicom
-    from pydicom.data import get_testdata_file
-
-    def upload(**values) -> bytes:
-        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-        for keyword, value in values.items():
-            setattr(ds, keyword, value)
-        stream = io.BytesIO()
-        ds.save_as(stream)
-        return stream.getvalue()
-
-    dated = zero_shot(client, upload(StudyDate="20199999", StudyTime="ZZ"))
+    dated = zero_shot(client, ct_upload(StudyDate="20199999", StudyTime="ZZ"))
     assert dated.status_code == 200, dated.text
-    counted = upload(NumberOfFrames="9")  # then written over as 'AB' (pydicom refuses to write it)
+    counted = ct_upload(NumberOfFrames="9")  # then written over as 'AB' (pydicom refuses to write it)
     element = b"\x28\x00\x08\x00IS\x02\x009 "
     assert counted.count(element) == 1
     frames = zero_shot(client, counted.replace(element, element[:-2] + b"AB"))
