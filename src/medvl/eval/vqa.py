@@ -361,8 +361,9 @@ def _check_question_tokens(question: str, field: str, model: VQAModel) -> None:
 def unknown_words(model: VQAModel, question: str) -> int:
     """How many words of ``question`` the model was not trained on (``VQAModel.unknown_words``: not among its
     training questions' words; a model saved without them: the words its question encoder reads as its unknown
-    token): the answer does not take them into account. A question of nothing but unknown words is refused
-    (``check_question``); one with some unknown words is answered, and the CLI warns."""
+    token). They are not left out: the question encoder reads them (a pretrained one as it knows them, else as its
+    unknown token), so they may sway the answer, which training never checked on them. A question of nothing but
+    unknown words is refused (``check_question``); one with some unknown words is answered, and the CLI warns."""
     return model.unknown_words(question)
 
 
