@@ -1439,27 +1439,102 @@ def test_thumbnails_refused_while_the_token_is_busy_are_waited_out_as_the_panels
     assert statuses.count(429) >= 6, statuses  # the thumbnails were refused again and again meanwhile
 
 
-def test_fewer_than_two_labels_refuse_the_read_on_the_page_before_anything_is_sent(page, watch, chest_xray):
+def test_fewer_than_two_labels_ask_no_zero_shot_or_explanation_but_still_the_similar_cases_and_draft(page, watch,
+                                                                                                      chest_xray):
     """With the Labels field emptied, /v1/zero-shot refused (422 "labels: Field required") while /v1/explain answered
-    over the model's default classes, in the same read. The page now refuses the read, as for another option not
-    valid, with the service's minimum of two distinct labels; nothing is sent."""
+    over the model's default classes, in the same read; the page then refused the whole read, so the similar cases
+    and the draft, which take no labels, were blocked too. Now neither label panel is asked and each says why
+    (the service's minimum of two distinct labels), while the similar cases and the draft are read."""
     connect(page, TOKENS[37])
     page.locator("#connected").wait_for(timeout=ANSWER_MS)
     labels = page.get_by_label("Labels (comma-separated)")
-    labels.fill("")
-    page.locator("#file").set_input_files(chest_xray)
-    page.locator("#read-status", has_text="Not read").wait_for(timeout=ANSWER_MS)
-    assert page.locator("#read-status").inner_text() == \
-        "Not read: Labels (comma-separated): give at least 2 distinct labels (0 given)"
-    labels.fill(" nodule , nodule ")
-    page.get_by_role("button", name="Read image").click()  # the browser's own check stops it
-    assert labels.evaluate("input => input.validationMessage") == "give at least 2 distinct labels (1 given)"
-    assert not [url for url in watch.requests if "/v1/" in url and not url.endswith(("/v1/models", "/v1/health",
-                                                                                     "/v1/preview"))]
-    assert all(page.locator(f"#{panel}").get_attribute("data-state") == "idle" for panel in PANELS)
+    for given, count in (("", 0), (" nodule , nodule ", 1)):
+        labels.fill(given)
+        if count == 0:
+            page.locator("#file").set_input_files(chest_xray)
+        else:
+            page.get_by_role("button", name="Read image").click()
+        # the label panels say so in the same step as the others are asked (a status of the read before is alike)
+        page.locator("#zero-shot .body", has_text=f"({count} given").wait_for(timeout=ANSWER_MS)
+        page.wait_for_function("() => document.querySelector('#read-status').textContent.endsWith("
+                               "'Zero-shot findings not asked: fewer than 2 labels.')", timeout=ANSWER_MS)
+        for panel in ("similar", "draft"):
+            page.locator(f"#{panel}[data-state=done]").wait_for(timeout=ANSWER_MS)
+        for panel in ("zero-shot", "explain"):
+            assert page.locator(f"#{panel}").get_attribute("data-state") == "idle"
+            assert f"at least 2 distinct labels ({count} given" in page.locator(f"#{panel} .body").inner_text()
+        assert page.locator("#read-status").inner_text().startswith("Answered.")
+        page.locator("#similar .case").first.wait_for(timeout=ANSWER_MS)
+    assert not [url for url in watch.requests if url.endswith(("/v1/zero-shot", "/v1/explain"))], watch.requests
     labels.fill("nodule, no_finding")
     page.get_by_role("button", name="Read image").click()
     wait_for_panels(page)
+    assert page.locator("#read-status").inner_text() == "Answered."
+
+
+@pytest.fixture(scope="module")
+def pairs_only_service(phantom_dir, tmp_path_factory):
+    """A model trained on image-report pairs alone (a manifest of image, text and split: no label column, so
+    /v1/models gives no labels) and its case index, served with the data root for thumbnails."""
+    import csv
+    import shutil
+
+    folder = tmp_path_factory.mktemp("page-pairs")
+    data = folder / "pairs"
+    shutil.copytree(phantom_dir / "images", data / "images")
+    with (phantom_dir / "manifest.csv").open(newline="") as source, \
+            (data / "manifest.csv").open("w", newline="") as target:
+        writer = csv.writer(target)
+        writer.writerow(["image", "text", "split"])
+        writer.writerows([row["image"], row["text"], row["split"]] for row in csv.DictReader(source))
+    model = train_tiny_model(data, folder / "run")
+    index = build_case_index(model, data, folder / "cases.idx")
+    app = create_app(model, index=index, settings=ServeSettings(data_root=data),
+                     token_digests=[token_digest(TOKENS[0])])
+    with Server(app) as running:
+        yield running, data
+
+
+def test_a_model_trained_on_image_report_pairs_alone_gets_its_similar_cases_and_draft(browser, pairs_only_service):
+    """A model without label columns (/v1/models' labels {}) left the Labels field empty, and the page refused
+    every read before anything was sent: no similar case and no draft, though the service answers both. Now they
+    are read as the API answers them, and the zero-shot and explanation panels say they need labels."""
+    running, data = pairs_only_service
+    image = sorted((data / "images").glob("*.png"))[4]
+    watch = PageWatch(running.url)
+    context, page = open_watched(browser, running.url, watch)
+    connect(page, TOKENS[0])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    page.locator("#file").set_input_files(image)
+    for panel in ("similar", "draft"):
+        page.locator(f"#{panel}[data-state=done]").wait_for(timeout=ANSWER_MS)
+    page.wait_for_function("() => document.querySelector('#read-status').textContent.startsWith('Answered')",
+                           timeout=ANSWER_MS)
+    fields = page_fields(page)
+    shown = {panel: (page.locator(f"#{panel}").get_attribute("data-state"),
+                     page.locator(f"#{panel} .body").inner_text()) for panel in ("zero-shot", "explain")}
+    status = page.locator("#read-status").inner_text()
+    with httpx.Client(base_url=running.url, timeout=60) as http:
+        headers = {"Authorization": f"Bearer {TOKENS[0]}"}
+        assert http.get("/v1/models", headers=headers).json()["models"][0]["labels"] == {}
+
+        def post(route: str, form: dict) -> dict:
+            answer = http.post(route, headers=headers, files={"image": ("image", image.read_bytes())}, data=form)
+            assert answer.status_code == 200, answer.text
+            return answer.json()
+
+        check_similar(page, post("/v1/search", {"k": fields["k"]}))
+        check_draft(page, post("/v1/report/draft", {"k": fields["k"], "min_similarity": fields["min_similarity"],
+                                                     "min_support": fields["min_support"]}))
+    context.close()
+    assert fields["labels"] == ""
+    assert status == "Answered. Zero-shot findings not asked: fewer than 2 labels.", status
+    for panel, (state, text) in shown.items():
+        assert state == "idle" and "at least 2 distinct labels (0 given" in text, (panel, text)
+        assert "trained without label columns" in text
+    assert not [url for url in watch.requests if url.endswith(("/v1/zero-shot", "/v1/explain"))], watch.requests
+    assert [url for url in watch.requests if url.endswith(("/v1/search", "/v1/report/draft"))]
+    assert not watch.refused and not watch.errors, watch.errors
 
 
 def test_the_answer_to_a_question_and_its_refusal_are_announced_in_a_polite_status_line(page, chest_xray):
