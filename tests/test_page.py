@@ -45,7 +45,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO_ROOT / "docs" / "images" / "reading-page.png"
 SCREENSHOT_LIMIT = 300 * 1024
 CHEST_XRAY = Path("vqa-rad") / "images" / "synpic18319.jpg"  # VQA-RAD (CC0): a PA chest X-ray with nodules
-TOKENS = [f"page-test-token-{n:02d}-{'y' * 12}" for n in range(43)]
+TOKENS = [f"page-test-token-{n:02d}-{'y' * 12}" for n in range(45)]
 WRONG_TOKEN = "not-a-valid-token-" + "z" * 12
 PANELS = ("zero-shot", "explain", "similar", "draft")
 QUESTION = "Is there a nodule?"
@@ -1614,3 +1614,49 @@ def test_fewer_cases_than_a_draft_needs_are_searched_but_not_drafted_and_ranks_s
     assert not [url for url in watch.requests if url.endswith("/v1/report/draft")]
     assert ranks and all(height < 1.5 * line for _, height, line in ranks), ranks  # one line each
     assert not watch.refused and not watch.errors
+
+
+def drop_files(page, paths: list[Path]) -> None:
+    """Drop several files at once on the page's drop zone, in this order, as a user drags them from a folder."""
+    transfer = page.evaluate_handle(
+        "files => { const transfer = new DataTransfer();"
+        " for (const [bytes, name] of files) transfer.items.add(new File([new Uint8Array(bytes)], name,"
+        " {type: 'image/png'})); return transfer; }",
+        [[list(path.read_bytes()), path.name] for path in paths])
+    page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+
+
+def test_a_question_about_two_dropped_films_is_asked_about_both_in_order_and_a_third_is_said_left_out(
+        page, watch, client, vqa_dir):
+    """The Ask card said "up to 2 images", yet the page kept the first of the files dropped and asked about it
+    alone, without a word: a question comparing two films was answered on one. The films dropped together are now
+    sent in the order given, up to the VQA model's max_images (/v1/vqa's several image fields), the card lists them,
+    and one beyond the limit is named as not sent; the answer is the API's for the same films."""
+    import json
+
+    questions = json.loads((vqa_dir.parent / "phantom" / "vqa" / "train.json").read_text())
+    pair = next(question for question in questions if len(question.get("image_names", [])) == 2)
+    films = [vqa_dir.parent / "phantom" / "vqa" / name for name in pair["image_names"]]
+    other = next(vqa_dir.parent / "phantom" / "vqa" / q["image_name"] for q in questions
+                 if q["image_name"] not in pair["image_names"])
+    headers = {"Authorization": f"Bearer {TOKENS[44]}"}
+    assert client.get("/v1/models", headers=headers).json()["models"][0]["vqa"]["max_images"] == 2
+    connect(page, TOKENS[43])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    drop_files(page, [*films, other])
+    wait_for_panels(page)  # the first film is read
+    assert page.locator("#vqa-note").inner_text() == "up to 2 images"
+    assert page.locator("#vqa-films").inner_text() == (
+        f"Asked about 2 images, in this order: 1. {films[0].name}, 2. {films[1].name}. "
+        f"Not sent: {other.name} (this VQA model takes up to 2).")
+    assert "2 more files chosen with it for a question" in page.locator("#file-info").inner_text()
+    ask(page, pair["question"])
+    answer = client.post("/v1/vqa", headers=headers, data={"question": pair["question"]},
+                         files=[("image", ("image", film.read_bytes())) for film in films])
+    assert answer.status_code == 200, answer.text
+    check_vqa(page, answer.json())
+    assert page.locator("#vqa .answer").get_attribute("data-images") == "2"
+    [body] = [body for url, body in zip(watch.requests, watch.bodies, strict=True) if url.endswith("/v1/vqa")]
+    assert body.count(b'; name="image"; filename=') == 2
+    assert films[0].read_bytes() in body and films[1].read_bytes() in body and other.read_bytes() not in body
+    assert body.index(films[0].read_bytes()) < body.index(films[1].read_bytes())
