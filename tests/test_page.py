@@ -45,7 +45,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO_ROOT / "docs" / "images" / "reading-page.png"
 SCREENSHOT_LIMIT = 300 * 1024
 CHEST_XRAY = Path("vqa-rad") / "images" / "synpic18319.jpg"  # VQA-RAD (CC0): a PA chest X-ray with nodules
-TOKENS = [f"page-test-token-{n:02d}-{'y' * 12}" for n in range(45)]
+TOKENS = [f"page-test-token-{n:02d}-{'y' * 12}" for n in range(46)]
 WRONG_TOKEN = "not-a-valid-token-" + "z" * 12
 PANELS = ("zero-shot", "explain", "similar", "draft")
 QUESTION = "Is there a nodule?"
@@ -1660,3 +1660,40 @@ def test_a_question_about_two_dropped_films_is_asked_about_both_in_order_and_a_t
     assert body.count(b'; name="image"; filename=') == 2
     assert films[0].read_bytes() in body and films[1].read_bytes() in body and other.read_bytes() not in body
     assert body.index(films[0].read_bytes()) < body.index(films[1].read_bytes())
+
+
+def damaged_idat_png(source: Path, target: Path) -> Path:
+    """``source`` with bytes in the middle of its image data overwritten (the chunk's CRC made right again, its
+    IEND kept): browsers decode what they can of it, Pillow refuses it."""
+    data = bytearray(source.read_bytes())
+    start = data.index(b"IDAT") - 4
+    length = struct.unpack(">I", data[start:start + 4])[0]
+    middle = start + 8 + length // 2
+    data[middle:middle + 16] = b"\xff" * 16
+    data[start + 8 + length:start + 12 + length] = struct.pack(">I", zlib.crc32(data[start + 4:start + 8 + length]))
+    target.write_bytes(bytes(data))
+    return target
+
+
+def test_a_png_or_jpeg_the_service_refuses_as_unreadable_is_not_left_shown_as_a_picture(page, watch, phantom_dir,
+                                                                                         chest_xray, tmp_path):
+    """A PNG cut short is partly decoded by the browser (the top of the film over black): the page showed that as
+    the image while every panel refused it (422 truncated). A PNG or JPEG without its end (IEND, EOI) is now shown
+    by the service's preview, which says why it does not read it; and a picture the service refuses alike in every
+    panel (image data damaged mid-file) is replaced by that refusal after the read."""
+    png = sorted((phantom_dir / "images").glob("*.png"))[10]
+    cut_png, cut_jpeg = tmp_path / "cut.png", tmp_path / "cut.jpg"
+    cut_png.write_bytes(png.read_bytes()[:len(png.read_bytes()) * 2 // 3])
+    cut_jpeg.write_bytes(chest_xray.read_bytes()[:len(chest_xray.read_bytes()) // 2])
+    damaged = damaged_idat_png(png, tmp_path / "damaged.png")
+    watch.max_requests = 3 + 3 * (4 + 1) + 6  # page, health, models; three reads and previews; a few asked again
+    connect(page, TOKENS[45])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    for path in (cut_png, cut_jpeg, damaged):
+        page.locator("#file").set_input_files(path)
+        wait_for_panels(page, "error")
+        assert "422" in page.locator("#zero-shot .panel-error").inner_text()
+        refusal = page.locator("#preview .panel-error")
+        refusal.wait_for(timeout=ANSWER_MS)
+        assert refusal.inner_text().startswith("422 "), (path.name, refusal.inner_text())
+        assert page.locator("#preview img").count() == 0, path.name
