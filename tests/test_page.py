@@ -45,7 +45,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO_ROOT / "docs" / "images" / "reading-page.png"
 SCREENSHOT_LIMIT = 300 * 1024
 CHEST_XRAY = Path("vqa-rad") / "images" / "synpic18319.jpg"  # VQA-RAD (CC0): a PA chest X-ray with nodules
-TOKENS = [f"page-test-token-{n:02d}-{'y' * 12}" for n in range(43)]
+TOKENS = [f"page-test-token-{n:02d}-{'y' * 12}" for n in range(46)]
 WRONG_TOKEN = "not-a-valid-token-" + "z" * 12
 PANELS = ("zero-shot", "explain", "similar", "draft")
 QUESTION = "Is there a nodule?"
@@ -1439,27 +1439,102 @@ def test_thumbnails_refused_while_the_token_is_busy_are_waited_out_as_the_panels
     assert statuses.count(429) >= 6, statuses  # the thumbnails were refused again and again meanwhile
 
 
-def test_fewer_than_two_labels_refuse_the_read_on_the_page_before_anything_is_sent(page, watch, chest_xray):
+def test_fewer_than_two_labels_ask_no_zero_shot_or_explanation_but_still_the_similar_cases_and_draft(page, watch,
+                                                                                                      chest_xray):
     """With the Labels field emptied, /v1/zero-shot refused (422 "labels: Field required") while /v1/explain answered
-    over the model's default classes, in the same read. The page now refuses the read, as for another option not
-    valid, with the service's minimum of two distinct labels; nothing is sent."""
+    over the model's default classes, in the same read; the page then refused the whole read, so the similar cases
+    and the draft, which take no labels, were blocked too. Now neither label panel is asked and each says why
+    (the service's minimum of two distinct labels), while the similar cases and the draft are read."""
     connect(page, TOKENS[37])
     page.locator("#connected").wait_for(timeout=ANSWER_MS)
     labels = page.get_by_label("Labels (comma-separated)")
-    labels.fill("")
-    page.locator("#file").set_input_files(chest_xray)
-    page.locator("#read-status", has_text="Not read").wait_for(timeout=ANSWER_MS)
-    assert page.locator("#read-status").inner_text() == \
-        "Not read: Labels (comma-separated): give at least 2 distinct labels (0 given)"
-    labels.fill(" nodule , nodule ")
-    page.get_by_role("button", name="Read image").click()  # the browser's own check stops it
-    assert labels.evaluate("input => input.validationMessage") == "give at least 2 distinct labels (1 given)"
-    assert not [url for url in watch.requests if "/v1/" in url and not url.endswith(("/v1/models", "/v1/health",
-                                                                                     "/v1/preview"))]
-    assert all(page.locator(f"#{panel}").get_attribute("data-state") == "idle" for panel in PANELS)
+    for given, count in (("", 0), (" nodule , nodule ", 1)):
+        labels.fill(given)
+        if count == 0:
+            page.locator("#file").set_input_files(chest_xray)
+        else:
+            page.get_by_role("button", name="Read image").click()
+        # the label panels say so in the same step as the others are asked (a status of the read before is alike)
+        page.locator("#zero-shot .body", has_text=f"({count} given").wait_for(timeout=ANSWER_MS)
+        page.wait_for_function("() => document.querySelector('#read-status').textContent.endsWith("
+                               "'Zero-shot findings not asked: fewer than 2 labels.')", timeout=ANSWER_MS)
+        for panel in ("similar", "draft"):
+            page.locator(f"#{panel}[data-state=done]").wait_for(timeout=ANSWER_MS)
+        for panel in ("zero-shot", "explain"):
+            assert page.locator(f"#{panel}").get_attribute("data-state") == "idle"
+            assert f"at least 2 distinct labels ({count} given" in page.locator(f"#{panel} .body").inner_text()
+        assert page.locator("#read-status").inner_text().startswith("Answered.")
+        page.locator("#similar .case").first.wait_for(timeout=ANSWER_MS)
+    assert not [url for url in watch.requests if url.endswith(("/v1/zero-shot", "/v1/explain"))], watch.requests
     labels.fill("nodule, no_finding")
     page.get_by_role("button", name="Read image").click()
     wait_for_panels(page)
+    assert page.locator("#read-status").inner_text() == "Answered."
+
+
+@pytest.fixture(scope="module")
+def pairs_only_service(phantom_dir, tmp_path_factory):
+    """A model trained on image-report pairs alone (a manifest of image, text and split: no label column, so
+    /v1/models gives no labels) and its case index, served with the data root for thumbnails."""
+    import csv
+    import shutil
+
+    folder = tmp_path_factory.mktemp("page-pairs")
+    data = folder / "pairs"
+    shutil.copytree(phantom_dir / "images", data / "images")
+    with (phantom_dir / "manifest.csv").open(newline="") as source, \
+            (data / "manifest.csv").open("w", newline="") as target:
+        writer = csv.writer(target)
+        writer.writerow(["image", "text", "split"])
+        writer.writerows([row["image"], row["text"], row["split"]] for row in csv.DictReader(source))
+    model = train_tiny_model(data, folder / "run")
+    index = build_case_index(model, data, folder / "cases.idx")
+    app = create_app(model, index=index, settings=ServeSettings(data_root=data),
+                     token_digests=[token_digest(TOKENS[0])])
+    with Server(app) as running:
+        yield running, data
+
+
+def test_a_model_trained_on_image_report_pairs_alone_gets_its_similar_cases_and_draft(browser, pairs_only_service):
+    """A model without label columns (/v1/models' labels {}) left the Labels field empty, and the page refused
+    every read before anything was sent: no similar case and no draft, though the service answers both. Now they
+    are read as the API answers them, and the zero-shot and explanation panels say they need labels."""
+    running, data = pairs_only_service
+    image = sorted((data / "images").glob("*.png"))[4]
+    watch = PageWatch(running.url)
+    context, page = open_watched(browser, running.url, watch)
+    connect(page, TOKENS[0])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    page.locator("#file").set_input_files(image)
+    for panel in ("similar", "draft"):
+        page.locator(f"#{panel}[data-state=done]").wait_for(timeout=ANSWER_MS)
+    page.wait_for_function("() => document.querySelector('#read-status').textContent.startsWith('Answered')",
+                           timeout=ANSWER_MS)
+    fields = page_fields(page)
+    shown = {panel: (page.locator(f"#{panel}").get_attribute("data-state"),
+                     page.locator(f"#{panel} .body").inner_text()) for panel in ("zero-shot", "explain")}
+    status = page.locator("#read-status").inner_text()
+    with httpx.Client(base_url=running.url, timeout=60) as http:
+        headers = {"Authorization": f"Bearer {TOKENS[0]}"}
+        assert http.get("/v1/models", headers=headers).json()["models"][0]["labels"] == {}
+
+        def post(route: str, form: dict) -> dict:
+            answer = http.post(route, headers=headers, files={"image": ("image", image.read_bytes())}, data=form)
+            assert answer.status_code == 200, answer.text
+            return answer.json()
+
+        check_similar(page, post("/v1/search", {"k": fields["k"]}))
+        check_draft(page, post("/v1/report/draft", {"k": fields["k"], "min_similarity": fields["min_similarity"],
+                                                     "min_support": fields["min_support"]}))
+    context.close()
+    assert fields["labels"] == ""
+    assert status == "Answered. Zero-shot findings not asked: fewer than 2 labels.", status
+    for panel, (state, text) in shown.items():
+        assert state == "idle" and "at least 2 distinct labels (0 given" in text, (panel, text)
+        assert "trained without label columns" in text
+    assert not [url for url in watch.requests if url.endswith(("/v1/zero-shot", "/v1/explain"))], watch.requests
+    assert [url for url in watch.requests if url.endswith(("/v1/search", "/v1/report/draft"))]
+    assert not watch.refused and not watch.errors, watch.errors
 
 
 def test_the_answer_to_a_question_and_its_refusal_are_announced_in_a_polite_status_line(page, chest_xray):
@@ -1539,3 +1614,86 @@ def test_fewer_cases_than_a_draft_needs_are_searched_but_not_drafted_and_ranks_s
     assert not [url for url in watch.requests if url.endswith("/v1/report/draft")]
     assert ranks and all(height < 1.5 * line for _, height, line in ranks), ranks  # one line each
     assert not watch.refused and not watch.errors
+
+
+def drop_files(page, paths: list[Path]) -> None:
+    """Drop several files at once on the page's drop zone, in this order, as a user drags them from a folder."""
+    transfer = page.evaluate_handle(
+        "files => { const transfer = new DataTransfer();"
+        " for (const [bytes, name] of files) transfer.items.add(new File([new Uint8Array(bytes)], name,"
+        " {type: 'image/png'})); return transfer; }",
+        [[list(path.read_bytes()), path.name] for path in paths])
+    page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+
+
+def test_a_question_about_two_dropped_films_is_asked_about_both_in_order_and_a_third_is_said_left_out(
+        page, watch, client, vqa_dir):
+    """The Ask card said "up to 2 images", yet the page kept the first of the files dropped and asked about it
+    alone, without a word: a question comparing two films was answered on one. The films dropped together are now
+    sent in the order given, up to the VQA model's max_images (/v1/vqa's several image fields), the card lists them,
+    and one beyond the limit is named as not sent; the answer is the API's for the same films."""
+    import json
+
+    questions = json.loads((vqa_dir.parent / "phantom" / "vqa" / "train.json").read_text())
+    pair = next(question for question in questions if len(question.get("image_names", [])) == 2)
+    films = [vqa_dir.parent / "phantom" / "vqa" / name for name in pair["image_names"]]
+    other = next(vqa_dir.parent / "phantom" / "vqa" / q["image_name"] for q in questions
+                 if q["image_name"] not in pair["image_names"])
+    headers = {"Authorization": f"Bearer {TOKENS[44]}"}
+    assert client.get("/v1/models", headers=headers).json()["models"][0]["vqa"]["max_images"] == 2
+    connect(page, TOKENS[43])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    drop_files(page, [*films, other])
+    wait_for_panels(page)  # the first film is read
+    assert page.locator("#vqa-note").inner_text() == "up to 2 images"
+    assert page.locator("#vqa-films").inner_text() == (
+        f"Asked about 2 images, in this order: 1. {films[0].name}, 2. {films[1].name}. "
+        f"Not sent: {other.name} (this VQA model takes up to 2).")
+    assert "2 more files chosen with it for a question" in page.locator("#file-info").inner_text()
+    ask(page, pair["question"])
+    answer = client.post("/v1/vqa", headers=headers, data={"question": pair["question"]},
+                         files=[("image", ("image", film.read_bytes())) for film in films])
+    assert answer.status_code == 200, answer.text
+    check_vqa(page, answer.json())
+    assert page.locator("#vqa .answer").get_attribute("data-images") == "2"
+    [body] = [body for url, body in zip(watch.requests, watch.bodies, strict=True) if url.endswith("/v1/vqa")]
+    assert body.count(b'; name="image"; filename=') == 2
+    assert films[0].read_bytes() in body and films[1].read_bytes() in body and other.read_bytes() not in body
+    assert body.index(films[0].read_bytes()) < body.index(films[1].read_bytes())
+
+
+def damaged_idat_png(source: Path, target: Path) -> Path:
+    """``source`` with bytes in the middle of its image data overwritten (the chunk's CRC made right again, its
+    IEND kept): browsers decode what they can of it, Pillow refuses it."""
+    data = bytearray(source.read_bytes())
+    start = data.index(b"IDAT") - 4
+    length = struct.unpack(">I", data[start:start + 4])[0]
+    middle = start + 8 + length // 2
+    data[middle:middle + 16] = b"\xff" * 16
+    data[start + 8 + length:start + 12 + length] = struct.pack(">I", zlib.crc32(data[start + 4:start + 8 + length]))
+    target.write_bytes(bytes(data))
+    return target
+
+
+def test_a_png_or_jpeg_the_service_refuses_as_unreadable_is_not_left_shown_as_a_picture(page, watch, phantom_dir,
+                                                                                         chest_xray, tmp_path):
+    """A PNG cut short is partly decoded by the browser (the top of the film over black): the page showed that as
+    the image while every panel refused it (422 truncated). A PNG or JPEG without its end (IEND, EOI) is now shown
+    by the service's preview, which says why it does not read it; and a picture the service refuses alike in every
+    panel (image data damaged mid-file) is replaced by that refusal after the read."""
+    png = sorted((phantom_dir / "images").glob("*.png"))[10]
+    cut_png, cut_jpeg = tmp_path / "cut.png", tmp_path / "cut.jpg"
+    cut_png.write_bytes(png.read_bytes()[:len(png.read_bytes()) * 2 // 3])
+    cut_jpeg.write_bytes(chest_xray.read_bytes()[:len(chest_xray.read_bytes()) // 2])
+    damaged = damaged_idat_png(png, tmp_path / "damaged.png")
+    watch.max_requests = 3 + 3 * (4 + 1) + 6  # page, health, models; three reads and previews; a few asked again
+    connect(page, TOKENS[45])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    for path in (cut_png, cut_jpeg, damaged):
+        page.locator("#file").set_input_files(path)
+        wait_for_panels(page, "error")
+        assert "422" in page.locator("#zero-shot .panel-error").inner_text()
+        refusal = page.locator("#preview .panel-error")
+        refusal.wait_for(timeout=ANSWER_MS)
+        assert refusal.inner_text().startswith("422 "), (path.name, refusal.inner_text())
+        assert page.locator("#preview img").count() == 0, path.name
